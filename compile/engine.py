@@ -1,0 +1,161 @@
+"""Compiling a UNet: ``CompiledUNet`` wraps webui's eager UNet module and runs it through ``torch.compile``.
+
+The eager module stays the single owner of the weights: the compiled graph takes every parameter as an input on each
+call (Inductor's ``freezing``, which would bake weights into the graph as constants, stays off), so weights copied into
+the parameter buffers in place -- a checkpoint switch, a fused LoRA -- take effect on the next call without a recompile.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import time
+from typing import Callable
+
+import torch
+import torch._dynamo
+from torch._inductor.compile_fx import compile_fx
+from torch.utils._pytree import tree_map_only
+
+from .attention import SdpaAttention
+from .options import CompileOptions
+
+log = logging.getLogger(__name__)
+
+
+class CompileError(RuntimeError):
+    """A compile failed; the message says why and what to do."""
+
+
+@dataclasses.dataclass
+class CompileStats:
+    graphs_compiled: int = 0
+    """Graphs handed to Inductor since this UNet was wrapped (one per distinct input shape)."""
+    compile_seconds: list[float] = dataclasses.field(default_factory=list)
+    """Wall time of each call that compiled, tracing and first run included."""
+
+
+def _uses_cuda(unet: torch.nn.Module) -> bool:
+    return any(p.is_cuda for p in unet.parameters())
+
+
+def convert_convolutions_to_channels_last(unet: torch.nn.Module) -> None:
+    """Re-lay every convolution weight in place; the old storage is freed, so no second copy exists."""
+    with torch.no_grad():
+        for module in unet.modules():
+            if isinstance(module, torch.nn.Conv2d) and not module.weight.is_contiguous(memory_format=torch.channels_last):
+                module.weight.data = module.weight.data.contiguous(memory_format=torch.channels_last)
+
+
+class CompiledUNet(torch.nn.Module):
+    """Called exactly like the eager UNet (``x, timesteps, context, y, ...``) and returns the same tensor.
+
+    Attributes the wrapper does not have (``dtype``, ``in_channels``, ``input_blocks``, ...) are read from the eager
+    module, so webui code that inspects ``diffusion_model`` keeps working.
+
+    It owns no weights: its parameters, buffers and submodules are the eager module's, under the same names.
+
+    A call that has to compile and fails (a graph break, an Inductor or Triton error) does not raise: it runs the eager
+    module, and ``failure`` holds the reason, which callers must show to the user; every later call runs eagerly too.
+    """
+
+    def __init__(
+        self,
+        unet: torch.nn.Module,
+        options: CompileOptions | None = None,
+        *,
+        on_compile_start: Callable[[], None] | None = None,
+        on_compile_end: Callable[[], None] | None = None,
+    ):
+        super().__init__()
+        # Share the eager module's registries instead of holding it as a child: parameters(), state_dict() and
+        # load_state_dict() then see the same tensors under the same names, so webui loading a checkpoint into
+        # ``diffusion_model`` while this wrapper stands there still fills the eager module's buffers.
+        self._parameters = unet._parameters
+        self._buffers = unet._buffers
+        self._modules = unet._modules
+        self._non_persistent_buffers_set = unet._non_persistent_buffers_set
+        object.__setattr__(self, "eager", unet)
+        self.options = options or CompileOptions()
+        self.stats = CompileStats()
+        self.failure: str | None = None
+        self.on_compile_start = on_compile_start
+        """Called when Inductor starts on a new graph (a compile takes seconds to minutes: show progress)."""
+        self.on_compile_end = on_compile_end
+        """Called after a call that compiled, or failed to, returns; ``stats`` and ``failure`` are up to date."""
+        self._cuda_graphs = self.options.cuda_graphs and _uses_cuda(unet)
+        if self.options.channels_last:
+            convert_convolutions_to_channels_last(unet)
+        self._attention = SdpaAttention(unet, upcast=self.options.upcast_attention) if self.options.attention == "sdpa" else None
+        inductor_config = {
+            "triton.cudagraphs": self._cuda_graphs,
+            "max_autotune": self.options.max_autotune,
+            "freezing": False,
+        }
+
+        def backend(graph_module, example_inputs):
+            self.stats.graphs_compiled += 1
+            if self.on_compile_start is not None:
+                self.on_compile_start()
+            return compile_fx(graph_module, example_inputs, config_patches=inductor_config)
+
+        # Kept out of nn.Module's registry: the compiled callable is not a submodule of its own wrapper.
+        object.__setattr__(self, "_compiled", torch.compile(unet, backend=backend, fullgraph=True, dynamic=False))
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "eager":
+                raise
+            return getattr(self.eager, name)
+
+    def forward(self, *args, **kwargs):
+        if self.failure is not None:
+            return self.eager(*args, **kwargs)
+        graphs_before = self.stats.graphs_compiled
+        started = time.perf_counter()
+        try:
+            out = self._call_compiled(args, kwargs)
+        except Exception as error:  # noqa: BLE001 -- only compile-time failures are absorbed, see below
+            compiling = self.stats.graphs_compiled != graphs_before or isinstance(error, torch._dynamo.exc.TorchDynamoException)
+            if not compiling:
+                raise
+            self.failure = describe_compile_failure(error)
+            log.error("OneDiff: compiling the UNet failed, running it eagerly: %s", self.failure)
+            self._compile_ended()
+            return self.eager(*args, **kwargs)
+        if self.stats.graphs_compiled != graphs_before:
+            self.stats.compile_seconds.append(time.perf_counter() - started)
+            self._compile_ended()
+        # CUDA-graph outputs live in a static buffer that the next replay overwrites.
+        return tree_map_only(torch.Tensor, torch.Tensor.clone, out) if self._cuda_graphs else out
+
+    def _compile_ended(self) -> None:
+        if self.on_compile_end is not None:
+            self.on_compile_end()
+
+    def _call_compiled(self, args, kwargs):
+        limits = torch._dynamo.config.patch(
+            recompile_limit=self.options.max_graphs_per_unet, fail_on_recompile_limit_hit=True
+        )
+        with limits, self._attention.installed() if self._attention else contextlib.nullcontext():
+            if self._cuda_graphs:
+                torch.compiler.cudagraph_mark_step_begin()
+            return self._compiled(*args, **kwargs)
+
+
+def describe_compile_failure(error: BaseException) -> str:
+    """One line for the UI: the error's first line, with advice for the failures users can act on."""
+    first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    if isinstance(error, torch._dynamo.exc.Unsupported):
+        return (
+            f"the UNet cannot be captured in one graph ({first_line}); another extension that patches the UNet's "
+            "forward (e.g. ControlNet, hypernetworks) is the usual cause: disable it for this generation"
+        )
+    if isinstance(error, torch._dynamo.exc.FailOnRecompileLimitHit):
+        return (
+            f"this UNet already holds the most compiled graphs allowed ({first_line}); "
+            "generate at fewer distinct sizes or batch sizes, or raise max_graphs_per_unet"
+        )
+    return f"{type(error).__name__}: {first_line}"

@@ -1,0 +1,55 @@
+"""The one options object of the compile engine.
+
+Every option names its effect on image quality, GPU memory and compile time, so that a change of default can be judged
+from this file alone.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class CompileOptions:
+    cuda_graphs: bool = True
+    """Replay the whole UNet call as one CUDA graph (CUDA devices only; ignored on the CPU).
+
+    Quality: none (same kernels). Speed: removes the per-kernel launch cost, which dominates SD1.5 at 512x512.
+    Memory: each distinct input shape keeps its own recorded graph; activations live in one shared CUDA-graph pool, so
+    the peak stays near one eager call's. Compile time: one extra warm-up and recording per shape (about a second)."""
+
+    channels_last: bool = True
+    """Store convolution weights in channels-last order, in place (the eager module shares them, no copy is kept).
+
+    Quality: none beyond the float rounding of other convolution algorithms. Speed: tensor-core convolutions need NHWC;
+    without it Inductor transposes weights on every call. Memory: none. Compile time: none."""
+
+    attention: str = "sdpa"
+    """How cross-attention is traced: ``"sdpa"`` swaps, during compiled calls only, the forward of every ldm/sgm
+    ``CrossAttention`` for ``torch.nn.functional.scaled_dot_product_attention`` (flash or cuDNN kernels, and always
+    traceable whatever webui's "Cross attention optimization" is; webui's split-attention variants query free GPU memory
+    and cannot be traced). ``"module"`` traces the module's own forward as it is (fails with a clear error if that
+    forward cannot be captured in one graph).
+
+    Quality: the same function as webui's sdp attention, equal up to float rounding. Memory: flash attention never
+    materialises the attention matrix. Compile time: none."""
+
+    upcast_attention: bool = False
+    """Compute attention in float32 (webui's "Upcast cross attention layer to float32"). Needed by some SD2.x fp16
+    checkpoints that otherwise produce NaN. Quality: removes that overflow. Speed: attention runs at fp32 rate."""
+
+    max_autotune: bool = False
+    """Let Inductor benchmark several matrix-multiply and convolution kernels per shape and keep the fastest.
+
+    Quality: none. Speed: a few percent at large shapes. Compile time: several times longer (minutes for SDXL)."""
+
+    max_graphs_per_unet: int = 64
+    """How many compiled graphs one UNet may hold (one per input shape, prompt length and batch size).
+
+    Past it, a new shape raises an error instead of falling back to eager without telling. Memory: each CUDA graph keeps
+    its own small set of static input buffers; activations are shared. Compile time: none."""
+
+    def __post_init__(self) -> None:
+        if self.attention not in ("sdpa", "module"):
+            raise ValueError(f'CompileOptions.attention must be "sdpa" or "module", not {self.attention!r}')
+        if self.max_graphs_per_unet < 1:
+            raise ValueError("CompileOptions.max_graphs_per_unet must be at least 1")

@@ -1,0 +1,52 @@
+"""Structure keys: one compiled graph serves every UNet with the same key.
+
+The key covers what a compiled graph depends on and nothing it reads at run time: the module tree (each submodule's
+path, class and plain hyperparameters such as ``heads`` or ``in_channels``) and every parameter's and buffer's name,
+shape, dtype and device. Memory layout is left out on purpose: the engine itself turns convolution weights to
+channels-last, and a layout change is caught by the graph's own guards. Weight *values* are not part of it: the graph
+reads them from the parameter buffers on every call, so another checkpoint of the same architecture, copied into the
+same buffers, reuses the graph.
+"""
+from __future__ import annotations
+
+import hashlib
+
+import torch
+
+_PLAIN_TYPES = (bool, int, float, str, type(None))
+
+
+def _plain_value(value):
+    if isinstance(value, _PLAIN_TYPES):
+        return value
+    if isinstance(value, (tuple, list)) and all(isinstance(item, _PLAIN_TYPES) for item in value):
+        return tuple(value)
+    if isinstance(value, torch.dtype):
+        return str(value)
+    return None
+
+
+def _module_lines(unet: torch.nn.Module):
+    for path, module in unet.named_modules():
+        kind = f"{type(module).__module__}.{type(module).__qualname__}"
+        attributes = sorted(
+            (name, _plain_value(value))
+            for name, value in vars(module).items()
+            if not name.startswith("_") and name != "training" and _plain_value(value) is not None
+        )
+        yield f"module {path} {kind} {attributes}"
+
+
+def _tensor_lines(unet: torch.nn.Module):
+    tensors = list(unet.named_parameters(remove_duplicate=False)) + list(unet.named_buffers(remove_duplicate=False))
+    for name, tensor in tensors:
+        yield f"tensor {name} {tuple(tensor.shape)} {tensor.dtype} {tensor.device}"
+
+
+def structure_key(unet: torch.nn.Module) -> str:
+    """A short hex digest; equal for two UNets exactly when one compiled graph can run both."""
+    digest = hashlib.sha256()
+    for line in (*_module_lines(unet), *_tensor_lines(unet)):
+        digest.update(line.encode())
+        digest.update(b"\n")
+    return f"{type(unet).__name__}-{digest.hexdigest()[:16]}"

@@ -1,0 +1,231 @@
+"""webui adapter: the ``onediff_diffusion_model`` Script, its setting and its API hook.
+
+Everything here translates webui's objects into calls of the core packages (``compile``, ``script_args``), which import
+nothing from webui. Those packages are loaded as ``sd_webui_onediff.*`` (see the root ``__init__.py``): their bare names
+(``compile``, ``lora``) would collide with webui's builtin Lora extension in the one global ``sys.modules``.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import sys
+from pathlib import Path
+
+import gradio as gr
+import torch
+
+from modules import script_callbacks, scripts, shared
+from modules.processing import Processed, StableDiffusionProcessing, process_images
+
+
+def load_extension_package(name: str = "sd_webui_onediff"):
+    root = Path(__file__).resolve().parents[1]
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, root / "__init__.py", submodule_search_locations=[str(root)])
+        sys.modules[name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules[name])
+    return root
+
+
+EXTENSION_ROOT = load_extension_package()
+from sd_webui_onediff.script_args import NO_CACHE, SCRIPT_TITLE, ScriptArgs, ScriptArgsError, normalize_request, parse_script_args  # noqa: E402
+from sd_webui_onediff.torch_support import torch_version_problem  # noqa: E402
+
+TORCH_PROBLEM = torch_version_problem(torch.__version__)
+if TORCH_PROBLEM:
+    print(TORCH_PROBLEM, file=sys.stderr)
+else:
+    from sd_webui_onediff.compile import CompileOptions, cache_artifacts  # noqa: E402
+    from sd_webui_onediff.compile.registry import CompiledUNets  # noqa: E402
+
+    COMPILED_UNETS = CompiledUNets()
+
+INFOTEXT_KEY = "OneDiff"
+CACHE_DIR_OPTION = "onediff_compiler_caches_path"
+SUPPORTED_UNETS = {
+    "ldm.modules.diffusionmodules.openaimodel.UNetModel",  # SD1.x, SD2.x, inpainting
+    "sgm.modules.diffusionmodules.openaimodel.UNetModel",  # SDXL base, refiner, SSD-1B
+}
+
+shared.opts.add_option(
+    CACHE_DIR_OPTION,
+    shared.OptionInfo(
+        str(EXTENSION_ROOT / "compiler_caches"),
+        "Directory for compiler caches saved by 'Saved cache name'",
+        section=("onediff", "OneDiff"),
+    ),
+)
+
+
+def cache_dir() -> Path:
+    return Path(getattr(shared.opts, CACHE_DIR_OPTION, "") or EXTENSION_ROOT / "compiler_caches")
+
+
+def saved_cache_choices() -> list[str]:
+    return [NO_CACHE, *(cache_artifacts.list_caches(cache_dir()) if not TORCH_PROBLEM else [])]
+
+
+def report(p: StableDiffusionProcessing, message: str) -> None:
+    """Console and the UI's info box; the infotext field carries the outcome."""
+    print(f"OneDiff: {message}")
+    p.comment(f"OneDiff: {message}")
+
+
+def unsupported_reason(unet: torch.nn.Module) -> str | None:
+    kind = f"{type(unet).__module__}.{type(unet).__qualname__}"
+    if TORCH_PROBLEM:
+        return TORCH_PROBLEM
+    if kind not in SUPPORTED_UNETS:
+        return f"the loaded model's UNet is a {kind}, which OneDiff does not compile (SD1.x, SD2.x and SDXL only)"
+    if shared.cmd_opts.lowvram or shared.cmd_opts.medvram or (shared.cmd_opts.medvram_sdxl and shared.sd_model.is_sdxl):
+        return "--medvram/--lowvram move UNet blocks between CPU and GPU during a step; start webui without them"
+    if shared.loaded_hypernetworks:
+        return "hypernetworks patch the attention layers at run time; remove them from the prompt"
+    if next(unet.parameters()).device.type != shared.device.type:
+        return f"the UNet is on {next(unet.parameters()).device}, not on webui's device {shared.device}"
+    return None
+
+
+def compile_options() -> CompileOptions:
+    return CompileOptions(upcast_attention=bool(shared.opts.upcast_attn))
+
+
+def generate(p: StableDiffusionProcessing, args: ScriptArgs) -> Processed:
+    if args.quantization:
+        report(p, "int8 quantization is not available in this version; the checkbox was ignored")
+        p.extra_generation_params[f"{INFOTEXT_KEY} quantization"] = "ignored"
+    model = shared.sd_model.model
+    unet = model.diffusion_model
+    reason = unsupported_reason(unet)
+    if reason:
+        p.extra_generation_params[INFOTEXT_KEY] = "not used"
+        report(p, f"generated without compiling: {reason}")
+        return process_images(p)
+
+    outcome = []
+    if args.compiler_cache != NO_CACHE:
+        try:
+            cache_artifacts.load(cache_dir(), args.compiler_cache, next(unet.parameters()).device)
+            outcome.append(f"loaded cache {args.compiler_cache}")
+        except cache_artifacts.CacheError as error:
+            report(p, f"{error}; compiling without it")
+
+    def on_compile_start():
+        shared.state.textinfo = "OneDiff: compiling the UNet for this size, the first image takes longer..."
+        print("OneDiff: compiling the UNet (about a minute for SDXL on first use; later runs reuse it)")
+
+    def on_compile_end():
+        # Webui renders extra_generation_params into each image's infotext after that image's sampling.
+        p.extra_generation_params[INFOTEXT_KEY] = describe()
+
+    compiled, reused = COMPILED_UNETS.get(
+        unet, compile_options(), recompile=args.always_recompile,
+        on_compile_start=on_compile_start, on_compile_end=on_compile_end,
+    )
+    compile_seconds_before = len(compiled.stats.compile_seconds)
+
+    def describe() -> str:
+        if compiled.failure:
+            return f"eager, compile failed: {compiled.failure}"
+        new = compiled.stats.compile_seconds[compile_seconds_before:]
+        done = f"compiled in {sum(new):.1f} s" if new else ("reused" if reused else "compiled")
+        return ", ".join([*outcome, done])
+
+    model.diffusion_model = compiled
+    try:
+        p.extra_generation_params[INFOTEXT_KEY] = describe()
+        processed = process_images(p)
+    finally:
+        model.diffusion_model = unet
+    if compiled.failure:
+        report(p, f"generated without compiling: {compiled.failure}")
+        processed.comments += f"OneDiff: generated without compiling: {compiled.failure}\n"
+    if args.saved_cache_name:
+        try:
+            path = cache_artifacts.save(cache_dir(), args.saved_cache_name, next(unet.parameters()).device)
+            message = f"saved compiler cache {args.saved_cache_name!r} to {path}"
+        except (cache_artifacts.CacheError, OSError) as error:
+            message = f"could not save the compiler cache: {error}"
+        print(f"OneDiff: {message}")
+        processed.comments += f"OneDiff: {message}\n"
+    return processed
+
+
+class Script(scripts.Script):
+    def title(self):
+        return SCRIPT_TITLE
+
+    def show(self, is_img2img):
+        return True
+
+    def ui(self, is_img2img):
+        from modules.ui_common import create_refresh_button
+
+        quantization = gr.Checkbox(label="Model Quantization(int8) Speed Up", value=False, visible=False)
+        with gr.Row():
+            compiler_cache = gr.Dropdown(label="Compiler caches", choices=saved_cache_choices(), value=NO_CACHE)
+            create_refresh_button(
+                compiler_cache, lambda: None, lambda: {"choices": saved_cache_choices()},
+                f"onediff_refresh_caches_{'img2img' if is_img2img else 'txt2img'}",
+            )
+        saved_cache_name = gr.Textbox(label="Saved cache name", value="", placeholder="save what this run compiles under this name")
+        always_recompile = gr.Checkbox(label="always_recompile", value=False, visible=bool(os.environ.get("ONEDIFF_DEBUG")))
+        return [quantization, compiler_cache, saved_cache_name, always_recompile]
+
+    def run(self, p, *values):
+        try:
+            args = parse_script_args(list(values))
+        except ScriptArgsError as error:
+            raise gr.Error(str(error)) from error
+        return generate(p, args)
+
+
+GENERATION_ROUTES = ("/sdapi/v1/txt2img", "/sdapi/v1/img2img")
+
+
+def accept_onediff_requests(route_app):
+    """Wraps one API route's ASGI app: rewrites OneDiff's request forms into webui's before webui parses the body,
+    and answers 422 naming the argument when this script's ``script_args`` have the wrong type."""
+
+    async def app(scope, receive, send):
+        chunks, more = [], True
+        while more:
+            message = await receive()
+            chunks.append(message.get("body", b""))
+            more = message.get("more_body", False)
+        body = b"".join(chunks)
+        try:
+            request = normalize_request(json.loads(body)) if body else None
+        except ScriptArgsError as error:
+            detail = [{"loc": ["body", "script_args", error.index], "msg": str(error), "type": "value_error"}]
+            payload = json.dumps({"detail": detail}).encode()
+            await send({"type": "http.response.start", "status": 422,
+                        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]})
+            await send({"type": "http.response.body", "body": payload})
+            return
+        except ValueError:
+            request = None  # not JSON: webui answers it as before
+        if request is not None:
+            body = json.dumps(request).encode()
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await route_app(scope, replay, send)
+
+    return app
+
+
+def on_app_started(_demo, app):
+    for route in app.router.routes:
+        if getattr(route, "path", None) in GENERATION_ROUTES and "POST" in getattr(route, "methods", ()):
+            route.app = accept_onediff_requests(route.app)
+
+
+script_callbacks.on_app_started(on_app_started, name="onediff API request forms")

@@ -1,0 +1,108 @@
+"""The compile engine on real UNet architectures at tiny sizes, on the CPU.
+
+Tolerance: compiled vs eager relative L2 error ||compiled - eager|| / ||eager|| below 1e-4 in float32 (Inductor
+reorders float additions and fuses kernels; observed ~1e-6). Each compile takes 30-60 s on 2 CPU cores, so every model
+is compiled once per module and the tests share it.
+"""
+import pytest
+import torch
+import torch._dynamo
+
+import unets
+from sd_webui_onediff.compile import CompiledUNet, CompileOptions
+from sd_webui_onediff.compile.attention import SdpaAttention
+
+TOLERANCE = 1e-4
+
+
+def relative_error(a, b) -> float:
+    a, b = unets.first_tensor(a), unets.first_tensor(b)
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.fixture(scope="module")
+def sd15():
+    unet = unets.sd15(seed=1)
+    return unet, CompiledUNet(unet)
+
+
+@pytest.fixture(scope="module")
+def sdxl():
+    unet = unets.sdxl(seed=3)
+    return unet, CompiledUNet(unet)
+
+
+@torch.no_grad()
+def test_sd15_compiled_equals_eager(sd15):
+    unet, compiled = sd15
+    args, kwargs = unets.sd_inputs()
+    out = compiled(*args, **kwargs)
+    assert compiled.failure is None
+    assert compiled.stats.graphs_compiled == 1
+    assert relative_error(out, unet(*args, **kwargs)) < TOLERANCE
+    assert out.std() > 0.01, "a degenerate output would make the comparison meaningless"
+
+
+@torch.no_grad()
+def test_sdxl_compiled_equals_eager(sdxl):
+    unet, compiled = sdxl
+    args, kwargs = unets.sdxl_inputs()
+    out = compiled(*args, **kwargs)
+    assert compiled.failure is None
+    assert relative_error(out, unet(*args, **kwargs)) < TOLERANCE
+
+
+@pytest.mark.parametrize("build", [unets.sd15, unets.sdxl], ids=["sd15", "sdxl"])
+def test_no_graph_breaks(build):
+    unet = build()
+    args, kwargs = unets.sdxl_inputs() if build is unets.sdxl else unets.sd_inputs()
+    attention = SdpaAttention(unet, upcast=False)
+    if build is unets.sd15 or unets.SGM_AVAILABLE:
+        assert len(attention) > 0, "ldm/sgm attention modules must be found"
+    torch._dynamo.reset()
+    with torch.no_grad(), attention.installed():
+        explanation = torch._dynamo.explain(unet)(*args, **kwargs)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert explanation.graph_count == 1
+
+
+def test_wrapper_shares_the_eager_parameters(sd15):
+    unet, compiled = sd15
+    eager = dict(unet.named_parameters())
+    wrapped = dict(compiled.named_parameters())
+    assert wrapped.keys() == eager.keys()
+    assert all(wrapped[name].data_ptr() == eager[name].data_ptr() for name in eager)
+    assert compiled.state_dict().keys() == unet.state_dict().keys()
+    assert compiled.in_channels == unet.in_channels
+
+
+@torch.no_grad()
+def test_weights_copied_in_place_change_the_output_without_recompiling(sd15):
+    unet, compiled = sd15
+    args, kwargs = unets.sd_inputs(seed=5)
+    before = compiled(*args, **kwargs)
+    graphs = compiled.stats.graphs_compiled
+    other = unets.sd15(seed=2)
+    compiled.load_state_dict(other.state_dict())  # as webui loads a checkpoint into diffusion_model
+    after = compiled(*args, **kwargs)
+    assert compiled.stats.graphs_compiled == graphs
+    assert relative_error(after, other(*args, **kwargs)) < TOLERANCE
+    assert relative_error(after, before) > 0.1
+
+
+@torch.no_grad()
+def test_a_compile_failure_runs_eagerly_and_says_why():
+    unet = unets.sd15(seed=4)
+    unet.middle_block.register_forward_pre_hook(lambda module, args: torch._dynamo.graph_break())
+    ended = []
+    compiled = CompiledUNet(unet, CompileOptions(), on_compile_end=lambda: ended.append(compiled.failure))
+    args, kwargs = unets.sd_inputs()
+    out = compiled(*args, **kwargs)
+    assert torch.equal(out, unet(*args, **kwargs))
+    assert "cannot be captured in one graph" in compiled.failure
+    assert ended == [compiled.failure]
+
+
+def test_options_are_checked():
+    with pytest.raises(ValueError, match="attention"):
+        CompileOptions(attention="flash")

@@ -1,0 +1,260 @@
+"""Build tiny random-weight Stable Diffusion checkpoints for webui tests.
+
+The models are instantiated from the REAL classes of webui's repositories (ldm for SD1.x, sgm for SDXL) through the
+tiny omegaconf configs in ``configs/``; the checkpoint is the model's ``state_dict()`` saved as safetensors, with the
+config copied beside it as ``<name>.yaml`` (webui picks a config placed next to a checkpoint and classifies the model
+as SD1/SDXL by itself).
+
+Run it with the webui venv's python, e.g.::
+
+    SD_WEBUI_PATH=/work/sd-webui HF_HOME=... HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 \\
+        /work/sd-webui/venv/bin/python tests/webui/checkpoints.py OUT_DIR
+
+which writes the default set (see ``DEFAULT_CHECKPOINTS``). HF_HOME must hold the tokenizer/config of the text
+encoders (only configs and tokenizers are read from there; all weights are random).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import shutil
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+CONFIGS = HERE / "configs"
+
+# name -> (config file, seed)
+DEFAULT_CHECKPOINTS = {
+    "tiny-sd15-a": ("tiny-sd15.yaml", 1),
+    "tiny-sd15-b": ("tiny-sd15.yaml", 2),
+    "tiny-sdxl": ("tiny-sdxl.yaml", 3),
+}
+
+_prepared = False
+_last_check: dict = {}
+
+
+def _prepare_imports(webui_path: str | os.PathLike | None = None) -> None:
+    """Make ldm/sgm importable from webui's repositories/ and apply the shims webui applies itself."""
+    global _prepared
+    if _prepared:
+        return
+    webui_path = Path(webui_path or os.environ.get("SD_WEBUI_PATH", ""))
+    repos = webui_path / "repositories"
+    for sub in ("stable-diffusion-stability-ai", "generative-models", "k-diffusion"):
+        p = repos / sub
+        if not p.is_dir():
+            raise RuntimeError(f"{p} not found: set SD_WEBUI_PATH to a webui checkout with repositories/")
+        if str(p) not in sys.path:
+            sys.path.insert(0, str(p))
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+    # webui (modules/initialize_util.py) aliases this module removed from pytorch_lightning 1.9
+    import pytorch_lightning  # noqa: F401
+    import pytorch_lightning.utilities.rank_zero
+    sys.modules.setdefault("pytorch_lightning.utilities.distributed", pytorch_lightning.utilities.rank_zero)
+
+    # Text encoders: build from config only (no weights on disk; webui does the same through
+    # modules/sd_disable_initialization.py and then loads the weights from the checkpoint).
+    import transformers
+
+    def _config_only(cls):
+        def from_pretrained(name, *args, **kwargs):
+            config = cls.config_class.from_pretrained(name)
+            return cls(config)
+        return from_pretrained
+
+    for cls_name in ("CLIPTextModel", "T5EncoderModel"):
+        cls = getattr(transformers, cls_name)
+        cls.from_pretrained = staticmethod(_config_only(cls))
+
+    import open_clip
+    orig_create = open_clip.create_model_and_transforms
+
+    def create_model_and_transforms(*args, **kwargs):
+        kwargs["pretrained"] = None
+        return orig_create(*args, **kwargs)
+
+    open_clip.create_model_and_transforms = create_model_and_transforms
+    _prepared = True
+
+
+def _instantiate(config):
+    module, cls = config["target"].rsplit(".", 1)
+    return getattr(importlib.import_module(module), cls)(**config.get("params", dict()))
+
+
+def _rerandomise_zero_layers(model) -> list[str]:
+    """Give every all-zero conv/linear layer PyTorch's default init again.
+
+    ldm/sgm zero-initialise the UNet's output conv, the last conv of every ResBlock and the proj_out of every
+    transformer block (zero_module); with those left at zero the UNet ignores the prompt and every prompt gives the
+    same image.
+    """
+    import torch
+
+    names = []
+    for name, m in model.named_modules():
+        if isinstance(m, (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d, torch.nn.Linear)):
+            if m.weight is not None and torch.count_nonzero(m.weight) == 0:
+                m.reset_parameters()
+                names.append(name)
+    return names
+
+
+def _check_sane(model, is_sdxl: bool) -> dict:
+    """Run the text encoder + UNet on two prompts; fail on NaN/zero output or prompt-independence."""
+    import torch
+
+    for m in model.modules():  # text encoders default to device="cuda"
+        if isinstance(getattr(m, "device", None), str):
+            m.device = "cpu"
+    torch.manual_seed(0)
+    with torch.no_grad():
+        x = torch.randn(1, 4, 8, 8)
+        t = torch.tensor([500])
+        outs = []
+        for prompt in ("a photo of a cat", "a red car in the rain"):
+            if is_sdxl:
+                batch = {
+                    "txt": [prompt],
+                    "original_size_as_tuple": torch.tensor([[64, 64]]),
+                    "crop_coords_top_left": torch.tensor([[0, 0]]),
+                    "target_size_as_tuple": torch.tensor([[64, 64]]),
+                }
+                c = model.conditioner(batch)
+                out = model.model.diffusion_model(x, t, context=c["crossattn"], y=c["vector"])
+            else:
+                c = model.get_learned_conditioning([prompt])
+                out = model.model.diffusion_model(x, t, context=c)
+            outs.append(out)
+        for o in outs:
+            if not torch.isfinite(o).all():
+                raise RuntimeError("UNet output has NaN/inf")
+            if o.abs().max() == 0:
+                raise RuntimeError("UNet output is all zero")
+        rel = ((outs[0] - outs[1]).abs().mean() / outs[0].abs().mean()).item()
+        if rel < 1e-4:
+            raise RuntimeError(f"UNet output barely depends on the prompt (relative difference {rel:g})")
+        # VAE decoder output must not be constant
+        if is_sdxl:  # sgm's MemoryEfficientAttnBlock needs xformers; webui swaps in its own attention, we use vanilla
+            import sgm.modules.diffusionmodules.model as sgm_model
+            sgm_model.MemoryEfficientAttnBlock.attention = sgm_model.AttnBlock.attention
+        img = model.first_stage_model.decode(torch.randn(1, 4, 8, 8))
+        if not torch.isfinite(img).all() or img.std() < 1e-3:
+            raise RuntimeError(f"VAE decode is degenerate (std {img.std().item():g})")
+    return {"prompt_rel_diff": rel, "unet_out_std": outs[0].std().item(), "vae_out_std": img.std().item()}
+
+
+def build_checkpoint(config_path, out_path, seed: int, webui_path=None, check: bool = True) -> Path:
+    """Instantiate the model of ``config_path`` with random weights (seeded) and save it.
+
+    Writes ``out_path`` (``<name>.safetensors``) and ``<name>.yaml`` (a copy of the config) beside it.
+    Returns the path of the safetensors file.
+    """
+    _prepare_imports(webui_path)
+    import torch
+    from omegaconf import OmegaConf
+    from safetensors.torch import save_file
+
+    config_path = Path(config_path)
+    out_path = Path(out_path)
+    if out_path.suffix != ".safetensors":
+        out_path = out_path.with_suffix(".safetensors")
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+
+    config = OmegaConf.load(config_path)
+    torch.manual_seed(seed)
+    model = _instantiate(config.model)
+    model.eval()
+    _rerandomise_zero_layers(model)
+    is_sdxl = hasattr(model, "conditioner")
+
+    if check:
+        _last_check[out_path] = _check_sane(model, is_sdxl)
+
+    state_dict = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+    save_file(state_dict, str(out_path))
+    shutil.copyfile(config_path, out_path.with_suffix(".yaml"))
+    return out_path
+
+
+def build_lora(config_path, out_path, seed: int, rank: int = 4, strength: float = 1.0, webui_path=None) -> Path:
+    """Write a random kohya-style LoRA (``lora_unet_*`` keys) for the UNet attention Linear layers of a config's model.
+
+    Keys use the compvis module path (``lora_unet_`` + path with ``_``), which webui's builtin Lora extension maps by
+    replacing ``lora_unet`` with ``diffusion_model``. The file goes to ``<name>.safetensors`` (put it in models/Lora).
+    """
+    _prepare_imports(webui_path)
+    import torch
+    from omegaconf import OmegaConf
+    from safetensors.torch import save_file
+
+    out_path = Path(out_path).with_suffix(".safetensors")
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    config = OmegaConf.load(config_path)
+    unet = _instantiate(config.model.params.get("unet_config") or config.model.params.network_config)
+    gen = torch.Generator().manual_seed(seed)
+    sd = {}
+    for name, m in unet.named_modules():
+        if isinstance(m, torch.nn.Linear) and (".attn1." in name or ".attn2." in name):
+            key = "lora_unet_" + name.replace(".", "_")
+            down = torch.randn(rank, m.in_features, generator=gen) / m.in_features ** 0.5
+            up = torch.randn(m.out_features, rank, generator=gen) * strength / rank ** 0.5
+            sd[f"{key}.lora_down.weight"] = down.contiguous()
+            sd[f"{key}.lora_up.weight"] = up.contiguous()
+            sd[f"{key}.alpha"] = torch.tensor(float(rank))
+    if not sd:
+        raise RuntimeError(f"no attention Linear layers found in the UNet of {config_path}")
+    save_file(sd, str(out_path), metadata={"ss_network_module": "networks.lora", "ss_network_dim": str(rank),
+                                           "ss_network_alpha": str(rank)})
+    return out_path
+
+
+# name -> (config file, seed)
+DEFAULT_LORAS = {
+    "tiny-lora-sd15": ("tiny-sd15.yaml", 11),
+    "tiny-lora-sdxl": ("tiny-sdxl.yaml", 13),
+}
+
+
+def build_default_loras(out_dir, webui_path=None) -> dict[str, Path]:
+    out_dir = Path(out_dir)
+    return {name: build_lora(CONFIGS / cfg, out_dir / f"{name}.safetensors", seed, webui_path=webui_path)
+            for name, (cfg, seed) in DEFAULT_LORAS.items()}
+
+
+def build_default_checkpoints(out_dir, webui_path=None) -> dict[str, Path]:
+    out_dir = Path(out_dir)
+    result = {}
+    for name, (cfg, seed) in DEFAULT_CHECKPOINTS.items():
+        result[name] = build_checkpoint(CONFIGS / cfg, out_dir / f"{name}.safetensors", seed, webui_path=webui_path)
+    return result
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("out_dir", help="folder for the checkpoints (e.g. <data-dir>/models/Stable-diffusion)")
+    ap.add_argument("--webui", default=None, help="webui checkout (default: $SD_WEBUI_PATH)")
+    ap.add_argument("--config", default=None, help="build one checkpoint from this config instead of the default set")
+    ap.add_argument("--name", default=None, help="checkpoint name for --config")
+    ap.add_argument("--seed", type=int, default=0, help="seed for --config")
+    ap.add_argument("--lora-dir", default=None, help="also write the default tiny LoRAs here (e.g. <data-dir>/models/Lora)")
+    args = ap.parse_args(argv)
+    if args.config:
+        name = args.name or Path(args.config).stem
+        paths = {name: build_checkpoint(args.config, Path(args.out_dir) / f"{name}.safetensors", args.seed, args.webui)}
+    else:
+        paths = build_default_checkpoints(args.out_dir, args.webui)
+    if args.lora_dir:
+        paths.update(build_default_loras(args.lora_dir, args.webui))
+    for name, p in paths.items():
+        print(f"{name}: {p} ({p.stat().st_size / 1e6:.1f} MB) {_last_check.get(p, '')}")
+
+
+if __name__ == "__main__":
+    main()

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch._dynamo
 
-import unets
+from sd_webui_onediff.bench import architectures as arch
 from sd_webui_onediff.compile import CompiledUNet, CompileOptions
 from sd_webui_onediff.compile.attention import SdpaAttention
 
@@ -16,26 +16,26 @@ TOLERANCE = 1e-4
 
 
 def relative_error(a, b) -> float:
-    a, b = unets.first_tensor(a), unets.first_tensor(b)
+    a, b = arch.output_tensor(a), arch.output_tensor(b)
     return ((a - b).norm() / b.norm()).item()
 
 
 @pytest.fixture(scope="module")
 def sd15():
-    unet = unets.sd15(seed=1)
+    unet = arch.sd_unet(arch.SD15_TINY, seed=1)
     return unet, CompiledUNet(unet)
 
 
 @pytest.fixture(scope="module")
 def sdxl():
-    unet = unets.sdxl(seed=3)
+    unet = arch.sdxl_unet(arch.SDXL_TINY, seed=3)
     return unet, CompiledUNet(unet)
 
 
 @torch.no_grad()
 def test_sd15_compiled_equals_eager(sd15):
     unet, compiled = sd15
-    args, kwargs = unets.sd_inputs()
+    args, kwargs = arch.sd_inputs(arch.SD15_TINY, tokens=7)
     out = compiled(*args, **kwargs)
     assert compiled.failure is None
     assert compiled.stats.graphs_compiled == 1
@@ -46,20 +46,21 @@ def test_sd15_compiled_equals_eager(sd15):
 @torch.no_grad()
 def test_sdxl_compiled_equals_eager(sdxl):
     unet, compiled = sdxl
-    args, kwargs = unets.sdxl_inputs()
+    args, kwargs = arch.sdxl_inputs(arch.SDXL_TINY, tokens=7)
     out = compiled(*args, **kwargs)
     assert compiled.failure is None
     assert relative_error(out, unet(*args, **kwargs)) < TOLERANCE
 
 
-@pytest.mark.parametrize("build", [unets.sd15, unets.sdxl], ids=["sd15", "sdxl"])
-def test_no_graph_breaks(build):
-    unet = build()
-    args, kwargs = unets.sdxl_inputs() if build is unets.sdxl else unets.sd_inputs()
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_no_graph_breaks(family):
+    if family == "sd15":
+        unet, (args, kwargs) = arch.sd_unet(arch.SD15_TINY), arch.sd_inputs(arch.SD15_TINY, tokens=7)
+    else:
+        unet, (args, kwargs) = arch.sdxl_unet(arch.SDXL_TINY), arch.sdxl_inputs(arch.SDXL_TINY, tokens=7)
     attention = SdpaAttention(unet, upcast=False)
-    if build is unets.sd15 or unets.SGM_AVAILABLE:
+    if family == "sd15" or arch.sgm_available():
         assert len(attention) > 0, "ldm/sgm attention modules must be found"
-    torch._dynamo.reset()
     with torch.no_grad(), attention.installed():
         explanation = torch._dynamo.explain(unet)(*args, **kwargs)
     assert explanation.graph_break_count == 0, explanation.break_reasons
@@ -79,10 +80,10 @@ def test_wrapper_shares_the_eager_parameters(sd15):
 @torch.no_grad()
 def test_weights_copied_in_place_change_the_output_without_recompiling(sd15):
     unet, compiled = sd15
-    args, kwargs = unets.sd_inputs(seed=5)
+    args, kwargs = arch.sd_inputs(arch.SD15_TINY, tokens=7, seed=5)
     before = compiled(*args, **kwargs)
     graphs = compiled.stats.graphs_compiled
-    other = unets.sd15(seed=2)
+    other = arch.sd_unet(arch.SD15_TINY, seed=2)
     compiled.load_state_dict(other.state_dict())  # as webui loads a checkpoint into diffusion_model
     after = compiled(*args, **kwargs)
     assert compiled.stats.graphs_compiled == graphs
@@ -92,11 +93,11 @@ def test_weights_copied_in_place_change_the_output_without_recompiling(sd15):
 
 @torch.no_grad()
 def test_a_compile_failure_runs_eagerly_and_says_why():
-    unet = unets.sd15(seed=4)
+    unet = arch.sd_unet(arch.SD15_TINY, seed=4)
     unet.middle_block.register_forward_pre_hook(lambda module, args: torch._dynamo.graph_break())
     ended = []
     compiled = CompiledUNet(unet, CompileOptions(), on_compile_end=lambda: ended.append(compiled.failure))
-    args, kwargs = unets.sd_inputs()
+    args, kwargs = arch.sd_inputs(arch.SD15_TINY, tokens=7)
     out = compiled(*args, **kwargs)
     assert torch.equal(out, unet(*args, **kwargs))
     assert "cannot be captured in one graph" in compiled.failure

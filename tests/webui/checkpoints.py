@@ -106,6 +106,23 @@ def _rerandomise_zero_layers(model) -> list[str]:
     return names
 
 
+def _randomise_norms(model, scale: float = 0.1) -> None:
+    """Give LayerNorm/GroupNorm affine parameters small random offsets from their (1, 0) init.
+
+    With weight 1 and bias 0 the text encoder's final LayerNorm makes every token vector zero-mean, so the mean of the
+    whole conditioning is ~0; webui's "Original" emphasis rescales by original_mean / new_mean, which is 0/0 = NaN
+    for some prompts. Trained models never have exactly (1, 0) here.
+    """
+    import torch
+
+    for m in model.modules():
+        if isinstance(m, (torch.nn.LayerNorm, torch.nn.GroupNorm)) and getattr(m, "weight", None) is not None:
+            with torch.no_grad():
+                m.weight.add_(torch.randn_like(m.weight) * scale)
+                if m.bias is not None:
+                    m.bias.add_(torch.randn_like(m.bias) * scale)
+
+
 def _check_sane(model, is_sdxl: bool) -> dict:
     """Run the text encoder + UNet on two prompts; fail on NaN/zero output or prompt-independence."""
     import torch
@@ -172,6 +189,7 @@ def build_checkpoint(config_path, out_path, seed: int, webui_path=None, check: b
     model = _instantiate(config.model)
     model.eval()
     _rerandomise_zero_layers(model)
+    _randomise_norms(model)
     is_sdxl = hasattr(model, "conditioner")
 
     if check:

@@ -1,0 +1,1 @@
+"""Benchmarks of the compiled UNet against eager PyTorch (``python bench/unet_bench.py --help``)."""

@@ -1,0 +1,166 @@
+"""UNet-level benchmark: eager vs compiled, same process, same card; prints one table.
+
+    python bench/unet_bench.py                      # SDXL 1024x1024 and SD1.5 512x512 on the GPU, fp16
+    python bench/unet_bench.py --tiny --device cpu  # tiny shapes on the CPU: checks that it runs and agrees (CI)
+
+Eager is the UNet as webui runs it with its "sdp" cross-attention (PyTorch SDPA), fp16 weights under autocast; one
+call is one CFG step (batch 2). Error: ||compiled - eager|| / ||eager||, and the same for eager fp16 vs eager fp32 on
+the same weights, the noise level any fp16 run has.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.util
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if "sd_webui_onediff" not in sys.modules:
+    spec = importlib.util.spec_from_file_location("sd_webui_onediff", ROOT / "__init__.py", submodule_search_locations=[str(ROOT)])
+    sys.modules["sd_webui_onediff"] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sys.modules["sd_webui_onediff"])
+
+from sd_webui_onediff.bench import architectures as arch  # noqa: E402
+from sd_webui_onediff.compile import CompiledUNet, CompileOptions  # noqa: E402
+from sd_webui_onediff.compile.attention import SdpaAttention  # noqa: E402
+
+CASES = {
+    # name: (builder, config, inputs, latent side at full size, tiny)
+    "sdxl": (arch.sdxl_unet, arch.SDXL_FULL, arch.SDXL_TINY, arch.sdxl_inputs, 128),
+    "sd15": (arch.sd_unet, arch.SD15_FULL, arch.SD15_TINY, arch.sd_inputs, 64),
+}
+
+
+def timed_ms(fn, device: torch.device, repeat: int) -> float:
+    """Median over ``repeat`` calls after three warm-ups; device events on CUDA."""
+    for _ in range(3):
+        fn()
+    samples = []
+    for _ in range(repeat):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            samples.append(start.elapsed_time(end))
+        else:
+            began = time.perf_counter()
+            fn()
+            samples.append((time.perf_counter() - began) * 1e3)
+    return statistics.median(samples)
+
+
+def peak_gib(fn, device: torch.device) -> float:
+    if device.type != "cuda":
+        return float("nan")
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated(device) / 2**30
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = arch.output_tensor(a).float(), arch.output_tensor(b).float()
+    return ((a - b).norm() / b.norm()).item()
+
+
+def run_case(name: str, args: argparse.Namespace, device: torch.device) -> dict:
+    build, full, tiny, make_inputs, latent = CASES[name]
+    config = tiny if args.tiny else full
+    latent = 16 if args.tiny else latent
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    unet = build(config).to(device)
+    inputs, kwargs = make_inputs(config, batch=2, latent=latent)
+    inputs = tuple(t.to(device) for t in inputs)
+    kwargs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+    if "added_cond_kwargs" in kwargs:
+        kwargs["added_cond_kwargs"] = {k: v.to(device) for k, v in kwargs["added_cond_kwargs"].items()}
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype == torch.float16 else contextlib.nullcontext()
+    sdp = SdpaAttention(unet, upcast=False)
+
+    with torch.no_grad():
+        with sdp.installed():
+            reference = unet(*inputs, **kwargs)  # fp32 weights
+        unet.to(dtype)
+
+        def eager():
+            with autocast, sdp.installed():
+                return unet(*inputs, **kwargs)
+
+        eager_out = eager()
+        eager_ms = timed_ms(eager, device, args.repeat)
+        eager_peak = peak_gib(eager, device)
+        allocated_before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+        compiled = CompiledUNet(unet, CompileOptions(max_autotune=args.max_autotune))
+
+        def run_compiled():
+            with autocast:
+                return compiled(*inputs, **kwargs)
+
+        began = time.perf_counter()
+        compiled_out = run_compiled()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        compile_s = time.perf_counter() - began
+        if compiled.failure:
+            raise SystemExit(f"{name}: compile failed: {compiled.failure}")
+        compiled_ms = timed_ms(run_compiled, device, args.repeat)
+        compiled_peak = peak_gib(run_compiled, device)
+        weights_gib = sum(p.numel() * p.element_size() for p in unet.parameters()) / 2**30
+        row = {
+            "model": name + (" tiny" if args.tiny else ""),
+            "shape": f"2x4x{latent}x{latent}",
+            "eager_ms": eager_ms,
+            "compiled_ms": compiled_ms,
+            "speedup": eager_ms / compiled_ms,
+            "compiled_it_s": 1e3 / compiled_ms,
+            "compile_s": compile_s,
+            "weights_gib": weights_gib,
+            "eager_peak_gib": eager_peak,
+            "compiled_peak_gib": compiled_peak,
+            "extra_resident_gib": ((torch.cuda.memory_allocated(device) - allocated_before) / 2**30) if device.type == "cuda" else float("nan"),
+            "err_compiled_vs_eager": relative_error(compiled_out, eager_out),
+            "err_eager16_vs_fp32": relative_error(eager_out, reference),
+            "graphs": compiled.stats.graphs_compiled,
+        }
+    del unet, compiled
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", choices=sorted(CASES), default=["sdxl", "sd15"])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--tiny", action="store_true", help="tiny widths and 128x128 images (CPU smoke run)")
+    parser.add_argument("--repeat", type=int, default=30)
+    parser.add_argument("--max-autotune", action="store_true")
+    parser.add_argument("--json", type=Path, help="also write the rows here")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    card = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    rows = [run_case(name, args, device) for name in args.models]
+    print(f"\ncard: {card}   torch: {torch.__version__}   dtype: {'fp16' if device.type == 'cuda' else 'fp32'}")
+    columns = [("model", "{}"), ("shape", "{}"), ("eager_ms", "{:.2f}"), ("compiled_ms", "{:.2f}"), ("speedup", "{:.2f}x"),
+               ("compiled_it_s", "{:.1f}"), ("compile_s", "{:.1f}"), ("weights_gib", "{:.2f}"), ("eager_peak_gib", "{:.2f}"),
+               ("compiled_peak_gib", "{:.2f}"), ("extra_resident_gib", "{:.2f}"), ("err_compiled_vs_eager", "{:.1e}"),
+               ("err_eager16_vs_fp32", "{:.1e}"), ("graphs", "{}")]
+    print("| " + " | ".join(name for name, _ in columns) + " |")
+    print("|" + "---|" * len(columns))
+    for row in rows:
+        print("| " + " | ".join(fmt.format(row[name]) for name, fmt in columns) + " |")
+    if args.json:
+        args.json.write_text(json.dumps({"card": card, "torch": torch.__version__, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -5,7 +5,8 @@
 
 Eager is the UNet as webui runs it with its "sdp" cross-attention (PyTorch SDPA), fp16 weights under autocast; one
 call is one CFG step (batch 2). Error: ||compiled - eager|| / ||eager||, and the same for eager fp16 vs eager fp32 on
-the same weights, the noise level any fp16 run has.
+the same weights, the noise level any fp16 run has; the script exits non-zero when the outputs disagree
+(see ``outputs_agree``).
 """
 from __future__ import annotations
 
@@ -70,6 +71,13 @@ def peak_gib(fn, device: torch.device) -> float:
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = arch.output_tensor(a).float(), arch.output_tensor(b).float()
     return ((a - b).norm() / b.norm()).item()
+
+
+def outputs_agree(row: dict) -> bool:
+    """fp32: within 1e-4. fp16: no further from eager than twice eager fp16's own distance from fp32, plus 1e-3."""
+    if row["err_eager16_vs_fp32"] == 0.0:
+        return row["err_compiled_vs_eager"] < 1e-4
+    return row["err_compiled_vs_eager"] <= 2 * row["err_eager16_vs_fp32"] + 1e-3
 
 
 def run_case(name: str, args: argparse.Namespace, device: torch.device) -> dict:
@@ -158,6 +166,9 @@ def main() -> None:
     print("|" + "---|" * len(columns))
     for row in rows:
         print("| " + " | ".join(fmt.format(row[name]) for name, fmt in columns) + " |")
+    disagreeing = [row["model"] for row in rows if not outputs_agree(row)]
+    if disagreeing:
+        raise SystemExit(f"compiled and eager outputs disagree for {', '.join(disagreeing)}")
     if args.json:
         args.json.write_text(json.dumps({"card": card, "torch": torch.__version__, "rows": rows}, indent=1))
 

@@ -87,7 +87,10 @@ def load(cache_dir: Path, name: str, device: torch.device) -> None:
             if made_with.get(key) != here.get(key)
         )
         raise CacheError(f"compiler cache {name!r} was made with another setup: {differences}; save a new one here")
+    damaged = f"compiler cache {name!r} is damaged; delete {path.name} and save it again"
     try:
-        torch.compiler.load_cache_artifacts(path.read_bytes())
+        loaded = torch.compiler.load_cache_artifacts(path.read_bytes())
     except Exception as error:  # noqa: BLE001 -- PyTorch raises assorted errors for damaged bytes
-        raise CacheError(f"compiler cache {name!r} is damaged ({type(error).__name__}: {error}); delete it and save again") from error
+        raise CacheError(f"{damaged} ({type(error).__name__}: {error})") from error
+    if loaded is None:  # PyTorch logs a failed checksum and returns None
+        raise CacheError(damaged)

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Runs the extension's tests. Core tests run anywhere (CPU is enough); tests/webui/ also run when SD_WEBUI_PATH names
+# a webui v1.10.x checkout (they start it offline; see tests/webui/conftest.py), and are skipped, saying why, when not.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+"$PYTHON" -c "import torch" 2>/dev/null || "$PYTHON" -m pip install -q "torch==2.13.0"
+"$PYTHON" -m pip install -q -r tests/requirements.txt
+# ldm's UNetModel (the SD1.x/SD2.x code webui runs) from PyPI; --no-deps: its pins are for training, not needed here.
+"$PYTHON" -m pip install -q --no-deps "stable-diffusion-sdkit==2.1.5"
+"$PYTHON" bench/unet_bench.py --tiny --device cpu --repeat 2
+exec "$PYTHON" -m pytest tests -q -p no:cacheprovider "$@"

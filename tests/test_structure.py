@@ -1,0 +1,31 @@
+"""Structure keys on the real architectures: equal exactly when one compiled graph can run both UNets."""
+import torch
+
+from sd_webui_onediff.bench import architectures as arch
+from sd_webui_onediff.compile import structure_key
+
+
+def test_same_architecture_other_weights_same_key():
+    assert structure_key(arch.sd_unet(arch.SD15_TINY, seed=1)) == structure_key(arch.sd_unet(arch.SD15_TINY, seed=2))
+
+
+def test_architectures_are_told_apart():
+    keys = {
+        "sd15": structure_key(arch.sd_unet(arch.SD15_TINY)),
+        "sd15-inpainting": structure_key(arch.sd_unet(arch.SD15_TINY, in_channels=9)),
+        "sd2": structure_key(arch.sd_unet(arch.SD2_TINY)),
+        "sd15-more-heads": structure_key(arch.sd_unet(arch.SD15_TINY, num_heads=4)),
+        "sdxl": structure_key(arch.sdxl_unet(arch.SDXL_TINY)),
+        "sd15-fp16": structure_key(arch.sd_unet(arch.SD15_TINY).half()),
+        "sd15-meta": structure_key(arch.sd_unet(arch.SD15_TINY).to("meta")),
+    }
+    assert len(set(keys.values())) == len(keys), keys
+
+
+def test_layout_is_not_part_of_the_key():
+    unet = arch.sd_unet(arch.SD15_TINY)
+    before = structure_key(unet)
+    for module in unet.modules():
+        if isinstance(module, torch.nn.Conv2d):
+            module.weight.data = module.weight.data.contiguous(memory_format=torch.channels_last)
+    assert structure_key(unet) == before

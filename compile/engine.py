@@ -18,6 +18,7 @@ from torch._inductor.compile_fx import compile_fx
 from torch.utils._pytree import tree_map_only
 
 from .attention import SdpaAttention
+from .layers import plain_layers
 from .options import CompileOptions
 
 log = logging.getLogger(__name__)
@@ -139,7 +140,8 @@ class CompiledUNet(torch.nn.Module):
         limits = torch._dynamo.config.patch(
             recompile_limit=self.options.max_graphs_per_unet, fail_on_recompile_limit_hit=True
         )
-        with limits, self._attention.installed() if self._attention else contextlib.nullcontext():
+        attention = self._attention.installed() if self._attention else contextlib.nullcontext()
+        with limits, attention, plain_layers():
             if self._cuda_graphs:
                 torch.compiler.cudagraph_mark_step_begin()
             return self._compiled(*args, **kwargs)

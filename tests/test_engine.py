@@ -107,3 +107,28 @@ def test_a_compile_failure_runs_eagerly_and_says_why():
 def test_options_are_checked():
     with pytest.raises(ValueError, match="attention"):
         CompileOptions(attention="flash")
+
+
+@torch.no_grad()
+def test_class_level_layer_patches_are_not_traced(sd15):
+    """webui's builtin Lora extension patches ``torch.nn.Linear.forward`` and friends with bookkeeping that cannot be
+    captured; compiled calls use the layers' own definitions instead (``compile/layers.py``)."""
+    unet, compiled = sd15
+    args, kwargs = arch.sd_inputs(arch.SD15_TINY, tokens=7)
+    compiled(*args, **kwargs)
+    graphs = compiled.stats.graphs_compiled
+    unpatched = torch.nn.Linear.forward
+
+    def lora_like_forward(self, input):
+        torch._dynamo.graph_break()
+        return unpatched(self, input)
+
+    torch.nn.Linear.forward = lora_like_forward
+    try:
+        out = compiled(*args, **kwargs)
+        assert torch.nn.Linear.forward is lora_like_forward, "the class patch must be back after the call"
+    finally:
+        torch.nn.Linear.forward = unpatched
+    assert compiled.failure is None
+    assert compiled.stats.graphs_compiled == graphs
+    assert relative_error(out, unet(*args, **kwargs)) < TOLERANCE

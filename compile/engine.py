@@ -48,6 +48,26 @@ def convert_convolutions_to_channels_last(unet: torch.nn.Module) -> None:
                 module.weight.data = module.weight.data.contiguous(memory_format=torch.channels_last)
 
 
+class InductorBackend:
+    """The compiler behind the ``CompiledUNet``s of one UNet structure.
+
+    Dynamo keeps compiled code per backend, guarded by input shapes, dtypes and module attributes, not by the module
+    object, and the weights are graph inputs. So a new UNet object of the same structure (webui reloads a model, or
+    keeps several), wrapped with the same backend, runs the graphs already compiled: no recompile."""
+
+    def __init__(self, options: CompileOptions, *, cuda_graphs: bool):
+        self.stats = CompileStats()
+        self.cuda_graphs = cuda_graphs
+        self.on_compile_start: Callable[[], None] | None = None
+        self._inductor_config = {"triton.cudagraphs": cuda_graphs, "max_autotune": options.max_autotune, "freezing": False}
+
+    def __call__(self, graph_module, example_inputs):
+        self.stats.graphs_compiled += 1
+        if self.on_compile_start is not None:
+            self.on_compile_start()
+        return compile_fx(graph_module, example_inputs, config_patches=self._inductor_config)
+
+
 class CompiledUNet(torch.nn.Module):
     """Called exactly like the eager UNet (``x, timesteps, context, y, ...``) and returns the same tensor.
 
@@ -65,6 +85,7 @@ class CompiledUNet(torch.nn.Module):
         unet: torch.nn.Module,
         options: CompileOptions | None = None,
         *,
+        backend: InductorBackend | None = None,
         on_compile_start: Callable[[], None] | None = None,
         on_compile_end: Callable[[], None] | None = None,
     ):
@@ -78,30 +99,24 @@ class CompiledUNet(torch.nn.Module):
         self._non_persistent_buffers_set = unet._non_persistent_buffers_set
         object.__setattr__(self, "eager", unet)
         self.options = options or CompileOptions()
-        self.stats = CompileStats()
+        self.backend = backend or InductorBackend(self.options, cuda_graphs=self.options.cuda_graphs and _uses_cuda(unet))
         self.failure: str | None = None
         self.on_compile_start = on_compile_start
         """Called when Inductor starts on a new graph (a compile takes seconds to minutes: show progress)."""
         self.on_compile_end = on_compile_end
         """Called after a call that compiled, or failed to, returns; ``stats`` and ``failure`` are up to date."""
-        self._cuda_graphs = self.options.cuda_graphs and _uses_cuda(unet)
+        self.before_call: Callable[[], None] | None = None
+        """Called at the start of every call, e.g. to fuse weights that must be in place before the graph reads them."""
         if self.options.channels_last:
             convert_convolutions_to_channels_last(unet)
         self._attention = SdpaAttention(unet, upcast=self.options.upcast_attention) if self.options.attention == "sdpa" else None
-        inductor_config = {
-            "triton.cudagraphs": self._cuda_graphs,
-            "max_autotune": self.options.max_autotune,
-            "freezing": False,
-        }
-
-        def backend(graph_module, example_inputs):
-            self.stats.graphs_compiled += 1
-            if self.on_compile_start is not None:
-                self.on_compile_start()
-            return compile_fx(graph_module, example_inputs, config_patches=inductor_config)
-
         # Kept out of nn.Module's registry: the compiled callable is not a submodule of its own wrapper.
-        object.__setattr__(self, "_compiled", torch.compile(unet, backend=backend, fullgraph=True, dynamic=False))
+        object.__setattr__(self, "_compiled", torch.compile(unet, backend=self.backend, fullgraph=True, dynamic=False))
+
+    @property
+    def stats(self) -> CompileStats:
+        """Shared by every wrapper of the same backend, i.e. of one UNet structure."""
+        return self.backend.stats
 
     def __getattr__(self, name: str):
         try:
@@ -111,7 +126,13 @@ class CompiledUNet(torch.nn.Module):
                 raise
             return getattr(self.eager, name)
 
+    def run_eagerly(self, reason: str) -> None:
+        """From now on every call runs the eager module; ``reason`` is shown to the user like a compile failure."""
+        self.failure = reason
+
     def forward(self, *args, **kwargs):
+        if self.before_call is not None:
+            self.before_call()
         if self.failure is not None:
             return self.eager(*args, **kwargs)
         graphs_before = self.stats.graphs_compiled
@@ -130,7 +151,7 @@ class CompiledUNet(torch.nn.Module):
             self.stats.compile_seconds.append(time.perf_counter() - started)
             self._compile_ended()
         # CUDA-graph outputs live in a static buffer that the next replay overwrites.
-        return tree_map_only(torch.Tensor, torch.Tensor.clone, out) if self._cuda_graphs else out
+        return tree_map_only(torch.Tensor, torch.Tensor.clone, out) if self.backend.cuda_graphs else out
 
     def _compile_ended(self) -> None:
         if self.on_compile_end is not None:
@@ -142,7 +163,8 @@ class CompiledUNet(torch.nn.Module):
         )
         attention = self._attention.installed() if self._attention else contextlib.nullcontext()
         with limits, attention, plain_layers():
-            if self._cuda_graphs:
+            self.backend.on_compile_start = self.on_compile_start
+            if self.backend.cuda_graphs:
                 torch.compiler.cudagraph_mark_step_begin()
             return self._compiled(*args, **kwargs)
 

@@ -2,27 +2,37 @@
 from __future__ import annotations
 
 import collections
+import dataclasses
 from typing import Callable
 
 import torch
+import torch._dynamo
 
-from .engine import CompiledUNet
+from .engine import CompiledUNet, InductorBackend
 from .options import CompileOptions
 from .structure import structure_key
 
 
-class CompiledUNets:
-    """Compiled UNets by structure key, least recently used first out.
+@dataclasses.dataclass
+class Lookup:
+    compiled: CompiledUNet
+    how: str
+    """``"reused"`` (same module object as last time), ``"rebound"`` (another object of a structure compiled before:
+    its graphs serve the new object's weights, no recompile) or ``"new"`` (compiles on the first call)."""
 
-    A compiled UNet is bound to one eager module object: when webui hands over another object (even of the same
-    structure) the old entry is replaced, so a graph never runs weights of a model webui no longer uses. ``capacity``
-    bounds how many UNets stay compiled; an evicted entry drops its graphs and its reference to the eager module, so
-    its GPU memory is freed once webui drops the model too.
+
+class CompiledUNets:
+    """One backend (its compiled graphs) per UNet structure, at most ``capacity`` structures.
+
+    A wrapper is bound to one eager module object and is replaced when webui hands over another object, so a graph
+    never reads the weights of a model webui has dropped. When a structure beyond ``capacity`` arrives, every compiled
+    graph is dropped (``torch._dynamo.reset()``), which frees their CUDA graphs and lets webui free unloaded models;
+    compiling again then mostly hits Inductor's on-disk cache.
     """
 
-    def __init__(self, capacity: int = 2):
+    def __init__(self, capacity: int = 4):
         self.capacity = capacity
-        self._entries: collections.OrderedDict[str, CompiledUNet] = collections.OrderedDict()
+        self._entries: collections.OrderedDict[tuple, CompiledUNet] = collections.OrderedDict()
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -35,18 +45,25 @@ class CompiledUNets:
         recompile: bool = False,
         on_compile_start: Callable[[], None] | None = None,
         on_compile_end: Callable[[], None] | None = None,
-    ) -> tuple[CompiledUNet, bool]:
-        """Returns ``(compiled, reused)``; ``reused`` is False when a new wrapper was made (it compiles on first call)."""
-        key = structure_key(unet)
+    ) -> Lookup:
+        key = (structure_key(unet), options)
         entry = self._entries.get(key)
-        reused = entry is not None and entry.eager is unet and entry.options == options and not recompile
-        if not reused:
-            entry = CompiledUNet(unet, options)
-            self._entries[key] = entry
+        if entry is not None and not recompile:
+            how = "reused" if entry.eager is unet else "rebound"
+            if how == "rebound":
+                entry = CompiledUNet(unet, options, backend=entry.backend)
+        else:
+            if key not in self._entries and len(self._entries) >= self.capacity:
+                self.clear()
+            how, entry = "new", CompiledUNet(unet, options)
+        self._entries[key] = entry
         self._entries.move_to_end(key)
-        while len(self._entries) > self.capacity:
-            self._entries.popitem(last=False)
         entry.on_compile_start = on_compile_start
         entry.on_compile_end = on_compile_end
+        entry.before_call = None
         entry.failure = None
-        return entry, reused
+        return Lookup(entry, how)
+
+    def clear(self) -> None:
+        self._entries.clear()
+        torch._dynamo.reset()

@@ -38,6 +38,7 @@ if TORCH_PROBLEM:
 else:
     from sd_webui_onediff.compile import CompileOptions, cache_artifacts  # noqa: E402
     from sd_webui_onediff.compile.registry import CompiledUNets  # noqa: E402
+    from sd_webui_onediff.lora import FusedLoras  # noqa: E402
 
     COMPILED_UNETS = CompiledUNets()
 
@@ -119,19 +120,22 @@ def generate(p: StableDiffusionProcessing, args: ScriptArgs) -> Processed:
         # Webui renders extra_generation_params into each image's infotext after that image's sampling.
         p.extra_generation_params[INFOTEXT_KEY] = describe()
 
-    compiled, reused = COMPILED_UNETS.get(
+    lookup = COMPILED_UNETS.get(
         unet, compile_options(), recompile=args.always_recompile,
         on_compile_start=on_compile_start, on_compile_end=on_compile_end,
     )
+    compiled = lookup.compiled
+    print(f"OneDiff: {lookup.how} compiled UNet {type(unet).__module__}.{type(unet).__qualname__}")
     compile_seconds_before = len(compiled.stats.compile_seconds)
 
     def describe() -> str:
         if compiled.failure:
             return f"eager, compile failed: {compiled.failure}"
         new = compiled.stats.compile_seconds[compile_seconds_before:]
-        done = f"compiled in {sum(new):.1f} s" if new else ("reused" if reused else "compiled")
+        done = f"compiled in {sum(new):.1f} s" if new else ("compiled" if lookup.how == "new" else "reused")
         return ", ".join([*outcome, done])
 
+    compiled.before_call = lora_fusing(p, unet, compiled)
     model.diffusion_model = compiled
     try:
         p.extra_generation_params[INFOTEXT_KEY] = describe()
@@ -150,6 +154,37 @@ def generate(p: StableDiffusionProcessing, args: ScriptArgs) -> Processed:
         print(f"OneDiff: {message}")
         processed.comments += f"OneDiff: {message}\n"
     return processed
+
+
+LORA_FUNCTIONAL_REFUSED = (
+    "the setting 'Lora: use old method that takes longer when you have multiple Loras active' applies LoRA inside "
+    "each layer's forward, which the compiled graph does not run; turn it off in Settings > Extra Networks"
+)
+
+
+def lora_fusing(p: StableDiffusionProcessing, unet: torch.nn.Module, compiled):
+    """A ``before_call`` for the compiled UNet that keeps webui's active LoRA set fused into the UNet's weights, by
+    the builtin Lora extension's own ``network_apply_weights`` (its ``networks`` module, when that extension is on)."""
+    networks = sys.modules.get("networks")
+    if networks is None or not hasattr(networks, "network_apply_weights"):
+        return None
+    layers = [module for module in unet.modules() if getattr(module, "network_layer_name", None)]
+    loras = FusedLoras(layers, fused=lambda layer: getattr(layer, "network_current_names", ()), fuse=networks.network_apply_weights)
+
+    def before_call():
+        # The same tuple network_apply_weights compares against each layer's network_current_names.
+        wanted = tuple((n.name, n.te_multiplier, n.unet_multiplier, n.dyn_dim) for n in networks.loaded_networks)
+        if wanted and shared.opts.lora_functional:
+            if compiled.failure is None:
+                compiled.run_eagerly(LORA_FUNCTIONAL_REFUSED)
+                p.extra_generation_params[INFOTEXT_KEY] = f"eager: {LORA_FUNCTIONAL_REFUSED}"
+            return
+        seconds = loras.sync(wanted)
+        if seconds is not None:
+            p.extra_generation_params[f"{INFOTEXT_KEY} LoRA fuse"] = f"{seconds * 1e3:.0f} ms"
+            print(f"OneDiff: fused {len(wanted)} LoRA network(s) into the UNet in {seconds * 1e3:.0f} ms")
+
+    return before_call
 
 
 class Script(scripts.Script):

@@ -1,0 +1,50 @@
+"""LoRA with a compiled UNet: the active networks are fused into the parameters in place, before a compiled call.
+
+A compiled graph reads the UNet's parameters on every call but never runs the patched layer ``forward``s through which
+webui's builtin Lora extension applies networks (``compile/layers.py``). So the weights themselves must hold the LoRA:
+``FusedLoras`` keeps them in step with webui's active set, using webui's own functions (passed in, nothing imported),
+which back up each original weight once and restore it bit-exactly before fusing a new set, or none.
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable, Hashable, Sequence
+
+import torch
+
+
+class FusedLoras:
+    """``sync(wanted)`` before each compiled call; cheap when nothing changed.
+
+    ``layers``: the UNet's layers that networks can touch. ``fused(layer)``: the set fused into that layer now.
+    ``fuse(layer)``: restore the layer's original weights, then fuse the wanted set into them, in place.
+    """
+
+    def __init__(self, layers: Sequence[torch.nn.Module], fused: Callable[[torch.nn.Module], Hashable],
+                 fuse: Callable[[torch.nn.Module], None]):
+        self.layers = list(layers)
+        self._fused = fused
+        self._fuse = fuse
+        self._synced: Hashable | None = None
+        self.seconds: list[float] = []
+        """Wall time of each sync that changed weights."""
+
+    def sync(self, wanted: Hashable) -> float | None:
+        """Fuses ``wanted`` where a layer holds anything else; returns the seconds it took, or None if nothing changed.
+
+        Every layer is checked whenever ``wanted`` differs from the last sync: a checkpoint loaded in between resets
+        layers without changing the wanted set, and webui may have fused some layers itself in an eager call."""
+        if wanted == self._synced:
+            return None
+        stale = [layer for layer in self.layers if self._fused(layer) != wanted]
+        self._synced = wanted
+        if not stale:
+            return None
+        started = time.perf_counter()
+        with torch.no_grad():
+            for layer in stale:
+                self._fuse(layer)
+        if any(p.is_cuda for p in stale[0].parameters()):
+            torch.cuda.synchronize()
+        self.seconds.append(time.perf_counter() - started)
+        return self.seconds[-1]

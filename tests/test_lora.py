@@ -1,0 +1,109 @@
+"""LoRA fused into a compiled UNet's parameters, on a tiny real ldm UNet with LoRA files made here (kohya's naming
+for ldm layers: ``lora_unet_<module path with _>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha``).
+
+In webui, ``fuse`` is the builtin Lora extension's ``network_apply_weights`` (tests/webui/ run that); here a small
+applier with the same contract stands in for it: back up the original weight once, restore it, add the wanted deltas.
+"""
+import torch
+
+from sd_webui_onediff.bench import architectures as arch
+from sd_webui_onediff.compile import CompiledUNet
+from sd_webui_onediff.lora import FusedLoras
+
+TARGETS = ("attn1.to_q", "attn1.to_k", "attn2.to_v", "attn2.to_out.0", "proj_in", "ff.net.2")
+
+
+def make_lora(unet, rank: int, seed: int) -> dict:
+    generator = torch.Generator().manual_seed(seed)
+    state = {}
+    for path, module in unet.named_modules():
+        if path.endswith(TARGETS) and isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
+            out_features, in_features = module.weight.shape[:2]
+            key = "lora_unet_" + path.replace(".", "_")
+            kernel = module.weight.shape[2:]
+            state[f"{key}.lora_down.weight"] = torch.randn((rank, in_features, *kernel), generator=generator) * 0.3
+            state[f"{key}.lora_up.weight"] = torch.randn((out_features, rank, *[1] * len(kernel)), generator=generator) * 0.3
+            state[f"{key}.alpha"] = torch.tensor(float(rank) / 2)
+    return state
+
+
+def delta(lora: dict, key: str, weight: torch.Tensor) -> torch.Tensor:
+    down, up = lora[f"{key}.lora_down.weight"], lora[f"{key}.lora_up.weight"]
+    scale = lora[f"{key}.alpha"].item() / down.shape[0]
+    return (up.flatten(1) @ down.flatten(1)).reshape(weight.shape) * scale
+
+
+class Applier:
+    """fused(layer) / fuse(layer) with webui's contract, for the active set ``self.wanted``: ((name, multiplier), ...)."""
+
+    def __init__(self, loras: dict):
+        self.loras, self.wanted = loras, ()
+
+    def fused(self, layer):
+        return getattr(layer, "fused_set", ())
+
+    def fuse(self, layer):
+        if not hasattr(layer, "original_weight"):
+            layer.original_weight = layer.weight.detach().to("cpu", copy=True)
+        layer.weight.copy_(layer.original_weight)
+        for name, multiplier in self.wanted:
+            if f"{layer.lora_key}.alpha" in self.loras[name]:
+                layer.weight += multiplier * delta(self.loras[name], layer.lora_key, layer.weight)
+        layer.fused_set = self.wanted
+
+
+def reference(base_state: dict, wanted, loras) -> torch.nn.Module:
+    """A separate eager UNet with the LoRA deltas added to the original weights."""
+    unet = arch.sd_unet(arch.SD15_TINY)
+    unet.load_state_dict(base_state)
+    with torch.no_grad():
+        for path, module in unet.named_modules():
+            key = "lora_unet_" + path.replace(".", "_")
+            for name, multiplier in wanted:
+                if f"{key}.alpha" in loras[name]:
+                    module.weight += multiplier * delta(loras[name], key, module.weight)
+    return unet
+
+
+@torch.no_grad()
+def test_switching_loras_changes_weights_in_place_without_recompiling():
+    unet = arch.sd_unet(arch.SD15_TINY, seed=1)
+    base_state = {k: v.clone() for k, v in unet.state_dict().items()}
+    loras = {"A": make_lora(unet, rank=4, seed=10), "B": make_lora(unet, rank=8, seed=11)}
+    layers = []
+    for path, module in unet.named_modules():
+        if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
+            module.lora_key = "lora_unet_" + path.replace(".", "_")
+            layers.append(module)
+    applier = Applier(loras)
+    fused = FusedLoras(layers, fused=applier.fused, fuse=applier.fuse)
+    compiled = CompiledUNet(unet)
+    compiled.before_call = lambda: fused.sync(applier.wanted)
+    args, kwargs = arch.sd_inputs(arch.SD15_TINY, tokens=7)
+    base_out = compiled(*args, **kwargs)
+    pointers = {name: p.data_ptr() for name, p in unet.named_parameters()}
+
+    for wanted in [(("A", 1.0),), (("B", 1.0),), (("B", 0.5),), (("A", 0.8), ("B", 0.3)), ()]:
+        applier.wanted = wanted
+        out = compiled(*args, **kwargs)
+        expected = reference(base_state, wanted, loras)(*args, **kwargs)
+        assert ((out - expected).norm() / expected.norm()).item() < 1e-4, wanted
+        if wanted:
+            assert ((out - base_out).norm() / base_out.norm()).item() > 1e-2, f"{wanted} had no effect"
+
+    assert compiled.stats.graphs_compiled == 1, "LoRA changes must not recompile"
+    assert len(fused.seconds) == 5
+    assert pointers == {name: p.data_ptr() for name, p in unet.named_parameters()}, "fused in place"
+    for name, value in unet.state_dict().items():
+        assert torch.equal(value, base_state[name]), f"{name} not restored bit-exactly"
+    assert torch.equal(compiled(*args, **kwargs), base_out)
+
+
+def test_sync_is_a_no_op_while_nothing_changes():
+    layer = torch.nn.Linear(4, 4)
+    calls = []
+    fused = FusedLoras([layer], fused=lambda l: getattr(l, "fused_set", ()), fuse=lambda l: calls.append(l))
+    assert fused.sync(()) is None and calls == []
+    layer.fused_set = ("old",)  # e.g. a checkpoint reload reset some layers, or webui fused in an eager call
+    assert fused.sync(("new",)) is not None and calls == [layer]
+    assert fused.sync(("new",)) is None and calls == [layer]

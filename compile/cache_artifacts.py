@@ -19,7 +19,12 @@ _VALID_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 
 
 class CacheError(RuntimeError):
-    """A cache could not be saved or loaded; the message says why and what to do."""
+    """A cache could not be saved or loaded; the message says why and what to do. ``reason`` says why in a few words
+    and names no local path: it goes into the images' infotext, the one place API clients see."""
+
+    def __init__(self, message: str, reason: str = "cannot be used"):
+        super().__init__(message)
+        self.reason = reason
 
 
 def environment(device: torch.device) -> dict[str, str]:
@@ -42,7 +47,8 @@ def check_name(name: str) -> str:
     name = (name or "").strip()
     if not _VALID_NAME.match(name) or name.endswith(METADATA_SUFFIX):
         raise CacheError(
-            f"invalid cache name {name!r}: use 1-100 letters, digits, '.', '_' or '-', starting with a letter or digit"
+            f"invalid cache name {name!r}: use 1-100 letters, digits, '.', '_' or '-', starting with a letter or digit",
+            reason="has an invalid name",
         )
     return name
 
@@ -73,12 +79,12 @@ def load(cache_dir: Path, name: str, device: torch.device) -> None:
     name = check_name(name)
     path = cache_dir / f"{name}{ARTIFACTS_SUFFIX}"
     if not path.is_file():
-        raise CacheError(f"compiler cache {name!r} not found in {cache_dir}: press the refresh button and choose another")
+        raise CacheError(f"compiler cache {name!r} not found in {cache_dir}: press the refresh button and choose another", reason="not found")
     try:
         metadata = json.loads((cache_dir / f"{name}{METADATA_SUFFIX}").read_text())
         made_with = metadata["environment"]
     except (OSError, ValueError, KeyError, TypeError) as error:
-        raise CacheError(f"compiler cache {name!r} has no readable {name}{METADATA_SUFFIX} ({error}); save it again") from error
+        raise CacheError(f"compiler cache {name!r} has no readable {name}{METADATA_SUFFIX} ({error}); save it again", reason="has no readable metadata") from error
     here = environment(device)
     if made_with != here:
         differences = ", ".join(
@@ -86,11 +92,11 @@ def load(cache_dir: Path, name: str, device: torch.device) -> None:
             for key in sorted(set(made_with) | set(here))
             if made_with.get(key) != here.get(key)
         )
-        raise CacheError(f"compiler cache {name!r} was made with another setup: {differences}; save a new one here")
+        raise CacheError(f"compiler cache {name!r} was made with another setup: {differences}; save a new one here", reason="made with another setup")
     damaged = f"compiler cache {name!r} is damaged; delete {path.name} and save it again"
     try:
         loaded = torch.compiler.load_cache_artifacts(path.read_bytes())
     except Exception as error:  # noqa: BLE001 -- PyTorch raises assorted errors for damaged bytes
-        raise CacheError(f"{damaged} ({type(error).__name__}: {error})") from error
+        raise CacheError(f"{damaged} ({type(error).__name__}: {error})", reason="damaged") from error
     if loaded is None:  # PyTorch logs a failed checksum and returns None
-        raise CacheError(damaged)
+        raise CacheError(damaged, reason="damaged")

@@ -111,6 +111,8 @@ def generate(p: StableDiffusionProcessing, args: ScriptArgs) -> Processed:
             outcome.append(f"loaded cache {args.compiler_cache}")
         except cache_artifacts.CacheError as error:
             report(p, f"{error}; compiling without it")
+            # API clients get the infotext but not the comments; error.reason names no local path.
+            outcome.append(f"cache {args.compiler_cache} {error.reason}")
 
     def on_compile_start():
         shared.state.textinfo = "OneDiff: compiling the UNet for this size, the first image takes longer..."

@@ -1,55 +1,12 @@
 """LoRA fused into a compiled UNet's parameters, on a tiny real ldm UNet with LoRA files made here (kohya's naming
-for ldm layers: ``lora_unet_<module path with _>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha``).
-
-In webui, ``fuse`` is the builtin Lora extension's ``network_apply_weights`` (tests/webui/ run that); here a small
-applier with the same contract stands in for it: back up the original weight once, restore it, add the wanted deltas.
-"""
+for ldm layers). In webui, ``fuse`` is the builtin Lora extension's ``network_apply_weights`` (tests/webui/ run that);
+here ``bench.loras.KohyaApplier`` has the same contract: back up once, restore, add the wanted deltas."""
 import torch
 
 from sd_webui_onediff.bench import architectures as arch
+from sd_webui_onediff.bench.loras import KohyaApplier, lora_delta, lora_key, make_lora
 from sd_webui_onediff.compile import CompiledUNet
 from sd_webui_onediff.lora import FusedLoras
-
-TARGETS = ("attn1.to_q", "attn1.to_k", "attn2.to_v", "attn2.to_out.0", "proj_in", "ff.net.2")
-
-
-def make_lora(unet, rank: int, seed: int) -> dict:
-    generator = torch.Generator().manual_seed(seed)
-    state = {}
-    for path, module in unet.named_modules():
-        if path.endswith(TARGETS) and isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
-            out_features, in_features = module.weight.shape[:2]
-            key = "lora_unet_" + path.replace(".", "_")
-            kernel = module.weight.shape[2:]
-            state[f"{key}.lora_down.weight"] = torch.randn((rank, in_features, *kernel), generator=generator) * 0.3
-            state[f"{key}.lora_up.weight"] = torch.randn((out_features, rank, *[1] * len(kernel)), generator=generator) * 0.3
-            state[f"{key}.alpha"] = torch.tensor(float(rank) / 2)
-    return state
-
-
-def delta(lora: dict, key: str, weight: torch.Tensor) -> torch.Tensor:
-    down, up = lora[f"{key}.lora_down.weight"], lora[f"{key}.lora_up.weight"]
-    scale = lora[f"{key}.alpha"].item() / down.shape[0]
-    return (up.flatten(1) @ down.flatten(1)).reshape(weight.shape) * scale
-
-
-class Applier:
-    """fused(layer) / fuse(layer) with webui's contract, for the active set ``self.wanted``: ((name, multiplier), ...)."""
-
-    def __init__(self, loras: dict):
-        self.loras, self.wanted = loras, ()
-
-    def fused(self, layer):
-        return getattr(layer, "fused_set", ())
-
-    def fuse(self, layer):
-        if not hasattr(layer, "original_weight"):
-            layer.original_weight = layer.weight.detach().to("cpu", copy=True)
-        layer.weight.copy_(layer.original_weight)
-        for name, multiplier in self.wanted:
-            if f"{layer.lora_key}.alpha" in self.loras[name]:
-                layer.weight += multiplier * delta(self.loras[name], layer.lora_key, layer.weight)
-        layer.fused_set = self.wanted
 
 
 def reference(base_state: dict, wanted, loras) -> torch.nn.Module:
@@ -58,10 +15,9 @@ def reference(base_state: dict, wanted, loras) -> torch.nn.Module:
     unet.load_state_dict(base_state)
     with torch.no_grad():
         for path, module in unet.named_modules():
-            key = "lora_unet_" + path.replace(".", "_")
             for name, multiplier in wanted:
-                if f"{key}.alpha" in loras[name]:
-                    module.weight += multiplier * delta(loras[name], key, module.weight)
+                if f"{lora_key(path)}.alpha" in loras[name]:
+                    module.weight += multiplier * lora_delta(loras[name], lora_key(path), module.weight)
     return unet
 
 
@@ -70,13 +26,8 @@ def test_switching_loras_changes_weights_in_place_without_recompiling():
     unet = arch.sd_unet(arch.SD15_TINY, seed=1)
     base_state = {k: v.clone() for k, v in unet.state_dict().items()}
     loras = {"A": make_lora(unet, rank=4, seed=10), "B": make_lora(unet, rank=8, seed=11)}
-    layers = []
-    for path, module in unet.named_modules():
-        if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
-            module.lora_key = "lora_unet_" + path.replace(".", "_")
-            layers.append(module)
-    applier = Applier(loras)
-    fused = FusedLoras(layers, fused=applier.fused, fuse=applier.fuse)
+    applier = KohyaApplier(unet, loras)
+    fused = FusedLoras(applier.layers, fused=applier.fused, fuse=applier.fuse)
     compiled = CompiledUNet(unet)
     compiled.before_call = lambda: fused.sync(applier.wanted)
     args, kwargs = arch.sd_inputs(arch.SD15_TINY, tokens=7)

@@ -201,11 +201,36 @@ def build_checkpoint(config_path, out_path, seed: int, webui_path=None, check: b
     return out_path
 
 
-def build_lora(config_path, out_path, seed: int, rank: int = 4, strength: float = 1.0, webui_path=None) -> Path:
-    """Write a random kohya-style LoRA (``lora_unet_*`` keys) for the UNet attention Linear layers of a config's model.
+def _text_encoder_lora_target(config):
+    """(kohya key prefix, config of the CLIP text encoder webui maps it to) for a model config.
 
-    Keys use the compvis module path (``lora_unet_`` + path with ``_``), which webui's builtin Lora extension maps by
-    replacing ``lora_unet`` with ``diffusion_model``. The file goes to ``<name>.safetensors`` (put it in models/Lora).
+    SD1.x: ``lora_te_text_model_*`` -> ``cond_stage_model``; SDXL: ``lora_te1_text_model_*`` -> embedder 0 of the
+    conditioner (webui's networks.py maps both onto the HF ``CLIPTextModel`` the embedder holds as ``transformer``).
+    """
+    params = config.model.params
+    if "conditioner_config" in params:
+        return "lora_te1_", params.conditioner_config.params.emb_models[0]
+    return "lora_te_", params.cond_stage_config
+
+
+def _lora_pair(sd, key, m, rank, strength, gen) -> None:
+    import torch
+
+    down = torch.randn(rank, m.in_features, generator=gen) / m.in_features ** 0.5
+    up = torch.randn(m.out_features, rank, generator=gen) * strength / rank ** 0.5
+    sd[f"{key}.lora_down.weight"] = down.contiguous()
+    sd[f"{key}.lora_up.weight"] = up.contiguous()
+    sd[f"{key}.alpha"] = torch.tensor(float(rank))
+
+
+def build_lora(config_path, out_path, seed: int, rank: int = 4, strength: float = 1.0, webui_path=None,
+               parts=("unet",)) -> Path:
+    """Write a random kohya-style LoRA for a config's model; ``parts``: any of "unet", "te".
+
+    "unet": the UNet attention Linear layers, keys ``lora_unet_`` + compvis module path with ``_``, which webui's builtin
+    Lora extension maps by replacing ``lora_unet`` with ``diffusion_model``. "te": the Linear layers of the CLIP text
+    encoder's transformer layers, keys ``lora_te_text_model_encoder_layers_*`` (SD1.x) or ``lora_te1_...`` (SDXL, first
+    text encoder). The file goes to ``<name>.safetensors`` (put it in models/Lora).
     """
     _prepare_imports(webui_path)
     import torch
@@ -215,19 +240,21 @@ def build_lora(config_path, out_path, seed: int, rank: int = 4, strength: float 
     out_path = Path(out_path).with_suffix(".safetensors")
     out_path.parent.mkdir(parents=True, exist_ok=True)
     config = OmegaConf.load(config_path)
-    unet = _instantiate(config.model.params.get("unet_config") or config.model.params.network_config)
     gen = torch.Generator().manual_seed(seed)
     sd = {}
-    for name, m in unet.named_modules():
-        if isinstance(m, torch.nn.Linear) and (".attn1." in name or ".attn2." in name):
-            key = "lora_unet_" + name.replace(".", "_")
-            down = torch.randn(rank, m.in_features, generator=gen) / m.in_features ** 0.5
-            up = torch.randn(m.out_features, rank, generator=gen) * strength / rank ** 0.5
-            sd[f"{key}.lora_down.weight"] = down.contiguous()
-            sd[f"{key}.lora_up.weight"] = up.contiguous()
-            sd[f"{key}.alpha"] = torch.tensor(float(rank))
+    if "unet" in parts:
+        unet = _instantiate(config.model.params.get("unet_config") or config.model.params.network_config)
+        for name, m in unet.named_modules():
+            if isinstance(m, torch.nn.Linear) and (".attn1." in name or ".attn2." in name):
+                _lora_pair(sd, "lora_unet_" + name.replace(".", "_"), m, rank, strength, gen)
+    if "te" in parts:
+        prefix, encoder_config = _text_encoder_lora_target(config)
+        text_model = _instantiate(encoder_config).transformer
+        for name, m in text_model.named_modules():
+            if isinstance(m, torch.nn.Linear) and name.startswith("text_model.encoder.layers."):
+                _lora_pair(sd, prefix + name.replace(".", "_"), m, rank, strength, gen)
     if not sd:
-        raise RuntimeError(f"no attention Linear layers found in the UNet of {config_path}")
+        raise RuntimeError(f"no layers for LoRA parts {parts} found in the model of {config_path}")
     save_file(sd, str(out_path), metadata={"ss_network_module": "networks.lora", "ss_network_dim": str(rank),
                                            "ss_network_alpha": str(rank)})
     return out_path

@@ -1,0 +1,69 @@
+"""LoRA fuse time and speed with a LoRA fused, on the compiled UNet.
+
+    python bench/lora_bench.py                 # full-size SDXL, rank 32, fp16, GPU
+    python bench/lora_bench.py --tiny --device cpu
+
+Fusing uses ``lora.FusedLoras`` with ``bench.loras.KohyaApplier`` (webui's contract and arithmetic: CPU backups,
+restore, fp32 ``up @ down`` added); inside webui the builtin Lora extension's own function does the same work.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import unet_bench  # noqa: E402  (loads the extension package)
+
+from sd_webui_onediff.bench.loras import KohyaApplier, make_lora  # noqa: E402
+from sd_webui_onediff.compile import CompiledUNet  # noqa: E402
+from sd_webui_onediff.lora import FusedLoras  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--rank", type=int, default=32)
+    parser.add_argument("--repeat", type=int, default=30)
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    build, full, tiny, make_inputs, latent = unet_bench.CASES["sdxl"]
+    config, latent = (tiny, 16) if args.tiny else (full, latent)
+    unet = build(config, seed=1)
+    loras = {"A": make_lora(unet, args.rank, seed=10, scale=0.05), "B": make_lora(unet, args.rank, seed=11, scale=0.05)}
+    unet.to(device, dtype)
+    inputs, kwargs = make_inputs(config, batch=2, latent=latent)
+    inputs = tuple(t.to(device) for t in inputs)
+    kwargs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+    applier = KohyaApplier(unet, loras)
+    fused = FusedLoras(applier.layers, fused=applier.fused, fuse=applier.fuse)
+    compiled = CompiledUNet(unet)
+    compiled.before_call = lambda: fused.sync(applier.wanted)
+    autocast = torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda")
+
+    def step():
+        with torch.no_grad(), autocast:
+            return compiled(*inputs, **kwargs)
+
+    step()
+    rows = [("no LoRA", None, unet_bench.timed_ms(step, device, args.repeat))]
+    for label, wanted in (("fuse A (first: backups made)", (("A", 1.0),)), ("switch A -> B", (("B", 1.0),)),
+                          ("weight B 1.0 -> 0.5", (("B", 0.5),)), ("remove (restore)", ()), ("fuse A again", (("A", 1.0),))):
+        applier.wanted = wanted
+        step()
+        rows.append((label, fused.seconds[-1], unet_bench.timed_ms(step, device, args.repeat)))
+    card = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    layers = sum(f"{layer.lora_key}.alpha" in loras["A"] for layer in applier.layers)
+    print(f"\ncard: {card}   torch: {torch.__version__}   SDXL{' tiny' if args.tiny else ''} UNet, rank {args.rank}, "
+          f"{layers} layers, recompiles after the first compile: {compiled.stats.graphs_compiled - 1}")
+    print("| step | fuse ms | UNet call ms (batch 2) | it/s |\n|---|---|---|---|")
+    for label, seconds, ms in rows:
+        print(f"| {label} | {'-' if seconds is None else f'{seconds * 1e3:.0f}'} | {ms:.2f} | {1e3 / ms:.1f} |")
+
+
+if __name__ == "__main__":
+    main()

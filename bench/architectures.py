@@ -30,6 +30,9 @@ SDXL_TINY = dict(SDXL_FULL, adm_in_channels=96, model_channels=32, attention_res
 def _import_sgm_unet():
     """sgm's ``UNetModel`` without running ``sgm/__init__.py``, which imports the whole training stack (Lightning,
     open_clip, kornia) that the UNet does not use."""
+    loaded = sys.modules.get("sgm.modules.diffusionmodules.openaimodel")
+    if loaded is not None:
+        return loaded.UNetModel
     spec = importlib.util.find_spec("sgm")
     if spec is None:
         return None

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import runpy
 import subprocess
 import sys
 import tempfile
@@ -17,10 +18,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import unet_bench  # noqa: E402  (loads the extension package)
+runpy.run_path(str(Path(__file__).with_name("bootstrap.py")))
 
-from sd_webui_onediff.bench import architectures as arch  # noqa: E402
+from sd_webui_onediff.bench import unet_bench
 from sd_webui_onediff.compile import CompiledUNet, cache_artifacts  # noqa: E402
 
 

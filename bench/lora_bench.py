@@ -9,14 +9,14 @@ restore, fp32 ``up @ down`` added); inside webui the builtin Lora extension's ow
 from __future__ import annotations
 
 import argparse
-import sys
+import runpy
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import unet_bench  # noqa: E402  (loads the extension package)
+runpy.run_path(str(Path(__file__).with_name("bootstrap.py")))
 
+from sd_webui_onediff.bench import unet_bench  # noqa: E402
 from sd_webui_onediff.bench.loras import KohyaApplier, make_lora  # noqa: E402
 from sd_webui_onediff.compile import CompiledUNet  # noqa: E402
 from sd_webui_onediff.lora import FusedLoras  # noqa: E402

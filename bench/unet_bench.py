@@ -12,20 +12,15 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.util
 import json
+import runpy
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-if "sd_webui_onediff" not in sys.modules:
-    spec = importlib.util.spec_from_file_location("sd_webui_onediff", ROOT / "__init__.py", submodule_search_locations=[str(ROOT)])
-    sys.modules["sd_webui_onediff"] = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(sys.modules["sd_webui_onediff"])
+runpy.run_path(str(Path(__file__).with_name("bootstrap.py")))
 
 from sd_webui_onediff.bench import architectures as arch  # noqa: E402
 from sd_webui_onediff.compile import CompiledUNet, CompileOptions  # noqa: E402
@@ -139,9 +134,6 @@ def run_case(name: str, args: argparse.Namespace, device: torch.device) -> dict:
             "err_eager16_vs_fp32": relative_error(eager_out, reference),
             "graphs": compiled.stats.graphs_compiled,
         }
-    del unet, compiled
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
     return row
 
 
@@ -156,7 +148,11 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device(args.device)
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    rows = [run_case(name, args, device) for name in args.models]
+    rows = []
+    for name in args.models:
+        rows.append(run_case(name, args, device))
+        if device.type == "cuda":
+            torch.cuda.empty_cache()  # the last model's memory, freed when run_case returned
     print(f"\ncard: {card}   torch: {torch.__version__}   dtype: {'fp16' if device.type == 'cuda' else 'fp32'}")
     columns = [("model", "{}"), ("shape", "{}"), ("eager_ms", "{:.2f}"), ("compiled_ms", "{:.2f}"), ("speedup", "{:.2f}x"),
                ("compiled_it_s", "{:.1f}"), ("compile_s", "{:.1f}"), ("weights_gib", "{:.2f}"), ("eager_peak_gib", "{:.2f}"),

@@ -79,12 +79,17 @@ def load(cache_dir: Path, name: str, device: torch.device) -> None:
     name = check_name(name)
     path = cache_dir / f"{name}{ARTIFACTS_SUFFIX}"
     if not path.is_file():
-        raise CacheError(f"compiler cache {name!r} not found in {cache_dir}: press the refresh button and choose another", reason="not found")
+        raise CacheError(
+            f"compiler cache {name!r} not found in {cache_dir}: press the refresh button and choose another", reason="not found"
+        )
     try:
         metadata = json.loads((cache_dir / f"{name}{METADATA_SUFFIX}").read_text())
         made_with = metadata["environment"]
     except (OSError, ValueError, KeyError, TypeError) as error:
-        raise CacheError(f"compiler cache {name!r} has no readable {name}{METADATA_SUFFIX} ({error}); save it again", reason="has no readable metadata") from error
+        raise CacheError(
+            f"compiler cache {name!r} has no readable {name}{METADATA_SUFFIX} ({error}); save it again",
+            reason="has no readable metadata",
+        ) from error
     here = environment(device)
     if made_with != here:
         differences = ", ".join(
@@ -92,7 +97,10 @@ def load(cache_dir: Path, name: str, device: torch.device) -> None:
             for key in sorted(set(made_with) | set(here))
             if made_with.get(key) != here.get(key)
         )
-        raise CacheError(f"compiler cache {name!r} was made with another setup: {differences}; save a new one here", reason="made with another setup")
+        raise CacheError(
+            f"compiler cache {name!r} was made with another setup: {differences}; save a new one here",
+            reason="made with another setup",
+        )
     damaged = f"compiler cache {name!r} is damaged; delete {path.name} and save it again"
     try:
         loaded = torch.compiler.load_cache_artifacts(path.read_bytes())

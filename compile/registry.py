@@ -8,7 +8,7 @@ from typing import Callable
 import torch
 import torch._dynamo
 
-from .engine import CompiledUNet, InductorBackend
+from .engine import CompiledUNet
 from .options import CompileOptions
 from .structure import structure_key
 

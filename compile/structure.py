@@ -14,6 +14,9 @@ import hashlib
 import torch
 
 _PLAIN_TYPES = (bool, int, float, str, type(None))
+BOOKKEEPING_PREFIX = "network_"
+"""webui's builtin Lora extension keeps its per-layer state in such attributes (``network_current_names``,
+``network_weights_backup``, ...); it changes whenever the active LoRAs do, and the compiled graph never reads it."""
 
 
 def _plain_value(value):
@@ -32,7 +35,7 @@ def _module_lines(unet: torch.nn.Module):
         attributes = sorted(
             (name, _plain_value(value))
             for name, value in vars(module).items()
-            if not name.startswith("_") and name != "training" and _plain_value(value) is not None
+            if not name.startswith(("_", BOOKKEEPING_PREFIX)) and name != "training" and _plain_value(value) is not None
         )
         yield f"module {path} {kind} {attributes}"
 

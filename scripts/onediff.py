@@ -14,7 +14,6 @@ from pathlib import Path
 
 import gradio as gr
 import torch
-
 from modules import script_callbacks, scripts, shared
 from modules.processing import Processed, StableDiffusionProcessing, process_images
 
@@ -29,7 +28,14 @@ def load_extension_package(name: str = "sd_webui_onediff"):
 
 
 EXTENSION_ROOT = load_extension_package()
-from sd_webui_onediff.script_args import NO_CACHE, SCRIPT_TITLE, ScriptArgs, ScriptArgsError, normalize_request, parse_script_args  # noqa: E402
+from sd_webui_onediff.script_args import (  # noqa: E402
+    NO_CACHE,
+    SCRIPT_TITLE,
+    ScriptArgs,
+    ScriptArgsError,
+    normalize_request,
+    parse_script_args,
+)
 from sd_webui_onediff.torch_support import torch_version_problem  # noqa: E402
 
 TORCH_PROBLEM = torch_version_problem(torch.__version__)
@@ -37,6 +43,7 @@ if TORCH_PROBLEM:
     print(TORCH_PROBLEM, file=sys.stderr)
 else:
     from sd_webui_onediff.compile import CompileOptions, cache_artifacts  # noqa: E402
+    from sd_webui_onediff.compile.layers import PLAIN_FORWARDS  # noqa: E402
     from sd_webui_onediff.compile.registry import CompiledUNets  # noqa: E402
     from sd_webui_onediff.lora import FusedLoras  # noqa: E402
 
@@ -160,7 +167,7 @@ def generate(p: StableDiffusionProcessing, args: ScriptArgs) -> Processed:
 
 LORA_FUNCTIONAL_REFUSED = (
     "the setting 'Lora: use old method that takes longer when you have multiple Loras active' applies LoRA inside "
-    "each layer's forward, which the compiled graph does not run; turn it off in Settings > Extra Networks"
+    "each layer's forward, which the compiled graph does not run; turn it off in Settings > Compatibility"
 )
 
 
@@ -170,7 +177,10 @@ def lora_fusing(p: StableDiffusionProcessing, unet: torch.nn.Module, compiled):
     networks = sys.modules.get("networks")
     if networks is None or not hasattr(networks, "network_apply_weights"):
         return None
-    layers = [module for module in unet.modules() if getattr(module, "network_layer_name", None)]
+    # Webui names every module, containers too, but only calls network_apply_weights from the layers it patches:
+    # on a container (a ResBlock, the UNet itself) it fails reading ``.weight``.
+    layers = [module for module in unet.modules()
+              if isinstance(module, tuple(PLAIN_FORWARDS)) and getattr(module, "network_layer_name", None)]
     loras = FusedLoras(layers, fused=lambda layer: getattr(layer, "network_current_names", ()), fuse=networks.network_apply_weights)
 
     def before_call():

@@ -3,7 +3,6 @@ import json
 
 import pytest
 import torch
-
 from sd_webui_onediff.compile import cache_artifacts
 from sd_webui_onediff.compile.cache_artifacts import CacheError
 
@@ -34,8 +33,9 @@ def test_invalid_names_are_refused(tmp_path, name):
 
 
 def test_missing_cache_says_so(tmp_path):
-    with pytest.raises(CacheError, match="not found"):
+    with pytest.raises(CacheError, match="not found") as error:
         cache_artifacts.load(tmp_path, "nothing-here", CPU)
+    assert error.value.reason == "not found" and str(tmp_path) not in error.value.reason
 
 
 def test_cache_from_another_setup_is_refused(tmp_path, compiled_something):
@@ -44,19 +44,22 @@ def test_cache_from_another_setup_is_refused(tmp_path, compiled_something):
     metadata = json.loads(metadata_path.read_text())
     metadata["environment"]["torch"] = "2.7.0+cu126"
     metadata_path.write_text(json.dumps(metadata))
-    with pytest.raises(CacheError, match=r"another setup: torch 2\.7\.0\+cu126 \(here "):
+    with pytest.raises(CacheError, match=r"another setup: torch 2\.7\.0\+cu126 \(here ") as error:
         cache_artifacts.load(tmp_path, "elsewhere", CPU)
+    assert error.value.reason == "made with another setup"
 
 
 def test_damaged_cache_says_so(tmp_path, compiled_something):
     cache_artifacts.save(tmp_path, "damaged", CPU)
     (tmp_path / "damaged.torchcache").write_bytes(b"not a cache at all")
-    with pytest.raises(CacheError, match="damaged"):
+    with pytest.raises(CacheError, match="damaged") as error:
         cache_artifacts.load(tmp_path, "damaged", CPU)
+    assert error.value.reason == "damaged"
 
 
 def test_missing_metadata_says_so(tmp_path, compiled_something):
     cache_artifacts.save(tmp_path, "bare", CPU)
     (tmp_path / "bare.json").unlink()
-    with pytest.raises(CacheError, match="no readable bare.json"):
+    with pytest.raises(CacheError, match="no readable bare.json") as error:
         cache_artifacts.load(tmp_path, "bare", CPU)
+    assert error.value.reason == "has no readable metadata"

@@ -7,7 +7,6 @@ is compiled once per module and the tests share it.
 import pytest
 import torch
 import torch._dynamo
-
 from sd_webui_onediff.bench import architectures as arch
 from sd_webui_onediff.compile import CompiledUNet, CompileOptions
 from sd_webui_onediff.compile.attention import SdpaAttention

@@ -2,7 +2,6 @@
 for ldm layers). In webui, ``fuse`` is the builtin Lora extension's ``network_apply_weights`` (tests/webui/ run that);
 here ``bench.loras.KohyaApplier`` has the same contract: back up once, restore, add the wanted deltas."""
 import torch
-
 from sd_webui_onediff.bench import architectures as arch
 from sd_webui_onediff.bench.loras import KohyaApplier, lora_delta, lora_key, make_lora
 from sd_webui_onediff.compile import CompiledUNet

@@ -45,7 +45,9 @@ for package in {OUR_PACKAGES!r}:
 for name in ("script_args", "torch_support"):
     importlib.import_module("sd_webui_onediff." + name)
 assert sys.modules["lora"] is builtin_lora, "webui's lora was replaced"
-leaked = sorted(n for n in {OUR_PACKAGES!r} + ["network", "networks", "script_args", "torch_support"] if n in sys.modules)
+ours = {str(ROOT)!r}
+leaked = sorted(name for name, module in sys.modules.items()
+                if not name.startswith("sd_webui_onediff") and (getattr(module, "__file__", None) or "").startswith(ours))
 assert not leaked, leaked
 print("ok")
 """

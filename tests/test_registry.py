@@ -1,7 +1,6 @@
 """Compiled graphs are shared by structure: a new model object of a known structure is served without recompiling,
 and always with its own weights."""
 import torch
-
 from sd_webui_onediff.bench import architectures as arch
 from sd_webui_onediff.compile import CompileOptions
 from sd_webui_onediff.compile.registry import CompiledUNets

@@ -1,7 +1,13 @@
 """The Script's argument rules, shared by the UI, ``script_args`` and OneDiff's request forms."""
 import pytest
-
-from sd_webui_onediff.script_args import NO_CACHE, SCRIPT_TITLE, ScriptArgs, ScriptArgsError, normalize_request, parse_script_args
+from sd_webui_onediff.script_args import (
+    NO_CACHE,
+    SCRIPT_TITLE,
+    ScriptArgs,
+    ScriptArgsError,
+    normalize_request,
+    parse_script_args,
+)
 
 
 @pytest.mark.parametrize(

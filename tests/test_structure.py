@@ -1,6 +1,5 @@
 """Structure keys on the real architectures: equal exactly when one compiled graph can run both UNets."""
 import torch
-
 from sd_webui_onediff.bench import architectures as arch
 from sd_webui_onediff.compile import structure_key
 

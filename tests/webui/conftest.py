@@ -2,8 +2,8 @@
 
 Fixture ``webui`` (session scope) -> webui_harness.WebUI, started, with:
   base_url, data_dir, log_path, checkpoints {name: path}, loras {name: path},
-  restart(extra_args=None), stop(), start(), select_checkpoint(name), txt2img(**payload) -> (images, json),
-  img2img(init_image, **payload), options(), set_options(**opts), scripts(), get(path), post(path, json), log_text().
+  restart(extra_args=None, env=None), extra_env, stop(), start(), select_checkpoint(name),
+  txt2img(**payload) -> (images, json), img2img(init_image, **payload), options(), set_options(**opts), scripts(), get(path), post(path, json), log_text().
 
 Everything here is skipped when SD_WEBUI_PATH is unset or is not a webui checkout.
 """
@@ -41,14 +41,16 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def webui_factory():
     """Make extra, independent webui instances: ``ui = webui_factory(install_extension=False)``; started for you,
-    stopped at the end of the session."""
+    stopped at the end of the session. Each gets its own empty TORCHINDUCTOR_CACHE_DIR (``extra_env`` may override):
+    Inductor's on-disk cache would otherwise carry compiled code over from earlier sessions and make compiles fast."""
     if _SKIP_REASON:
         pytest.skip(_SKIP_REASON)
     made = []
 
-    def factory(install_extension: bool = True, extra_args=None, start: bool = True):
+    def factory(install_extension: bool = True, extra_args=None, start: bool = True, extra_env=None):
         base = Path(tempfile.mkdtemp(prefix="sd-webui-test-"))
-        ui = webui_harness.make_webui(base, install_extension=install_extension, extra_args=extra_args)
+        env = {"TORCHINDUCTOR_CACHE_DIR": str(base / "inductor-cache"), **(extra_env or {})}
+        ui = webui_harness.make_webui(base, install_extension=install_extension, extra_args=extra_args, extra_env=env)
         ui._base_dir = base
         made.append(ui)
         if start:

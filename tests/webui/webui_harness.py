@@ -11,6 +11,7 @@ Environment:
   SD_WEBUI_EXTRA_ARGS  extra webui command-line flags (shell-split).
   SD_WEBUI_START_TIMEOUT  seconds to wait for the API (default 300).
   SD_WEBUI_KEEP        set to 1 to keep the temporary data dir after the session.
+Per instance, ``WebUI.extra_env`` (or ``restart(env=...)``) adds variables to webui's environment (None removes one).
 """
 from __future__ import annotations
 
@@ -106,8 +107,8 @@ def decode_image(b64: str):
 
 def encode_image(array_or_image) -> str:
     """numpy array or PIL image -> base64 PNG, for img2img's init_images."""
-    from PIL import Image
     import numpy as np
+    from PIL import Image
 
     img = array_or_image if isinstance(array_or_image, Image.Image) else Image.fromarray(np.asarray(array_or_image))
     buf = io.BytesIO()
@@ -139,13 +140,15 @@ class WebUI:
     """
 
     def __init__(self, webui_path: Path, data_dir: Path, python: str | None = None, hf_home: Path | None = None,
-                 extra_args: list[str] | None = None, start_timeout: float | None = None):
+                 extra_args: list[str] | None = None, start_timeout: float | None = None,
+                 extra_env: dict[str, str | None] | None = None):
         self.webui_path = Path(webui_path)
         self.data_dir = Path(data_dir)
         self.python = python or find_python(self.webui_path)
         self.hf_home = hf_home
         self.extra_args = list(extra_args or []) + shlex.split(os.environ.get("SD_WEBUI_EXTRA_ARGS", ""))
         self.start_timeout = start_timeout or float(os.environ.get("SD_WEBUI_START_TIMEOUT", "300"))
+        self.extra_env: dict[str, str | None] = dict(extra_env or {})
         self.log_path = self.data_dir / "webui.log"
         self.process: subprocess.Popen | None = None
         self.port: int | None = None
@@ -170,6 +173,11 @@ class WebUI:
         })
         if self.hf_home:
             env["HF_HOME"] = str(self.hf_home)
+        for k, v in self.extra_env.items():
+            if v is None:
+                env.pop(k, None)
+            else:
+                env[k] = str(v)
         return env
 
     def build_models(self):
@@ -274,11 +282,14 @@ class WebUI:
                 p.wait(timeout)
         self.process = None
 
-    def restart(self, extra_args: list[str] | None = None):
-        """Stop and start again with the same data dir (new port: re-read base_url). extra_args replaces the extra flags."""
+    def restart(self, extra_args: list[str] | None = None, env: dict[str, str | None] | None = None):
+        """Stop and start again with the same data dir (new port: re-read base_url). extra_args replaces the extra flags,
+        env replaces ``extra_env`` (e.g. ``{"TORCHINDUCTOR_CACHE_DIR": fresh_dir}``)."""
         self.stop()
         if extra_args is not None:
             self.extra_args = list(extra_args)
+        if env is not None:
+            self.extra_env = dict(env)
         self.start()
 
     # ----- logs --------------------------------------------------------------------------------------------------
@@ -345,7 +356,8 @@ class WebUI:
         return r.json()
 
 
-def make_webui(base_dir: Path, install_extension: bool = True, extra_args: list[str] | None = None) -> WebUI:
+def make_webui(base_dir: Path, install_extension: bool = True, extra_args: list[str] | None = None,
+               extra_env: dict[str, str | None] | None = None) -> WebUI:
     """Prepare a data dir under base_dir (models, config.json, HF cache copy, extension link) and return a WebUI
     (not started). Raises RuntimeError with a reason when webui or the offline data are missing."""
     webui_path, reason = find_webui_path()
@@ -371,7 +383,7 @@ def make_webui(base_dir: Path, install_extension: bool = True, extra_args: list[
         if not src.exists():
             src = offline / "webui-config.json"
         shutil.copyfile(src, config)
-    ui = WebUI(webui_path, data_dir, hf_home=hf_home, extra_args=extra_args)
+    ui = WebUI(webui_path, data_dir, hf_home=hf_home, extra_args=extra_args, extra_env=extra_env)
     ui.build_models()
     (data_dir / "extensions").mkdir(exist_ok=True)
     if install_extension:

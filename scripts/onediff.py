@@ -162,6 +162,8 @@ def generate(p: StableDiffusionProcessing, args: ScriptArgs) -> Processed:
             message = f"could not save the compiler cache: {error}"
         print(f"OneDiff: {message}")
         processed.comments += f"OneDiff: {message}\n"
+        # the API's info carries extra_generation_params (the infotexts were written before the save)
+        p.extra_generation_params[f"{INFOTEXT_KEY} cache save"] = message
     return processed
 
 
@@ -194,7 +196,8 @@ def lora_fusing(p: StableDiffusionProcessing, unet: torch.nn.Module, compiled):
         seconds = loras.sync(wanted)
         if seconds is not None:
             p.extra_generation_params[f"{INFOTEXT_KEY} LoRA fuse"] = f"{seconds * 1e3:.0f} ms"
-            print(f"OneDiff: fused {len(wanted)} LoRA network(s) into the UNet in {seconds * 1e3:.0f} ms")
+            done = f"fused {len(wanted)} LoRA network(s) into" if wanted else "removed the LoRA networks from"
+            print(f"OneDiff: {done} the UNet in {seconds * 1e3:.0f} ms")
 
     return before_call
 

@@ -43,6 +43,7 @@ if TORCH_PROBLEM:
     print(TORCH_PROBLEM, file=sys.stderr)
 else:
     from sd_webui_onediff.compile import CompileOptions, cache_artifacts  # noqa: E402
+    from sd_webui_onediff.compile.engine import CompiledUNet  # noqa: E402
     from sd_webui_onediff.compile.layers import PLAIN_FORWARDS  # noqa: E402
     from sd_webui_onediff.compile.registry import CompiledUNets  # noqa: E402
     from sd_webui_onediff.lora import FusedLoras  # noqa: E402
@@ -100,11 +101,11 @@ def compile_options() -> CompileOptions:
 
 
 def generate(p: StableDiffusionProcessing, args: ScriptArgs) -> Processed:
+    global ACTIVE_GENERATION
     if args.quantization:
         report(p, "int8 quantization is not available in this version; the checkbox was ignored")
         p.extra_generation_params[f"{INFOTEXT_KEY} quantization"] = "ignored"
-    model = shared.sd_model.model
-    unet = model.diffusion_model
+    unet = shared.sd_model.model.diffusion_model
     reason = unsupported_reason(unet)
     if reason:
         p.extra_generation_params[INFOTEXT_KEY] = "not used"
@@ -121,42 +122,20 @@ def generate(p: StableDiffusionProcessing, args: ScriptArgs) -> Processed:
             # API clients get the infotext but not the comments; error.reason names no local path.
             outcome.append(f"cache {args.compiler_cache} {error.reason}")
 
-    def on_compile_start():
-        shared.state.textinfo = "OneDiff: compiling the UNet for this size, the first image takes longer..."
-        print("OneDiff: compiling the UNet (about a minute for SDXL on first use; later runs reuse it)")
-
-    def on_compile_end():
-        # Webui renders extra_generation_params into each image's infotext after that image's sampling.
-        p.extra_generation_params[INFOTEXT_KEY] = describe()
-
-    lookup = COMPILED_UNETS.get(
-        unet, compile_options(), recompile=args.always_recompile,
-        on_compile_start=on_compile_start, on_compile_end=on_compile_end,
-    )
-    compiled = lookup.compiled
-    print(f"OneDiff: {lookup.how} compiled UNet {type(unet).__module__}.{type(unet).__qualname__}")
-    compile_seconds_before = len(compiled.stats.compile_seconds)
-
-    def describe() -> str:
-        if compiled.failure:
-            return f"eager, compile failed: {compiled.failure}"
-        new = compiled.stats.compile_seconds[compile_seconds_before:]
-        done = f"compiled in {sum(new):.1f} s" if new else ("compiled" if lookup.how == "new" else "reused")
-        return ", ".join([*outcome, done])
-
-    compiled.before_call = lora_fusing(p, unet, compiled)
-    model.diffusion_model = compiled
+    generation = ACTIVE_GENERATION = Generation(p, args, outcome)
     try:
-        p.extra_generation_params[INFOTEXT_KEY] = describe()
         processed = process_images(p)
     finally:
-        model.diffusion_model = unet
-    if compiled.failure:
-        report(p, f"generated without compiling: {compiled.failure}")
-        processed.comments += f"OneDiff: generated without compiling: {compiled.failure}\n"
+        ACTIVE_GENERATION = None
+        generation.restore()
+    for failure in generation.failures():
+        report(p, f"generated without compiling: {failure}")
+        processed.comments += f"OneDiff: generated without compiling: {failure}\n"
     if args.saved_cache_name:
         try:
-            path = cache_artifacts.save(cache_dir(), args.saved_cache_name, next(unet.parameters()).device)
+            # The model loaded now: the one loaded when the script started may have been dropped to the meta device.
+            device = next(shared.sd_model.model.diffusion_model.parameters()).device
+            path = cache_artifacts.save(cache_dir(), args.saved_cache_name, device)
             message = f"saved compiler cache {args.saved_cache_name!r} to {path}"
         except (cache_artifacts.CacheError, OSError) as error:
             message = f"could not save the compiler cache: {error}"
@@ -165,6 +144,82 @@ def generate(p: StableDiffusionProcessing, args: ScriptArgs) -> Processed:
         # the API's info carries extra_generation_params (the infotexts were written before the save)
         p.extra_generation_params[f"{INFOTEXT_KEY} cache save"] = message
     return processed
+
+
+ACTIVE_GENERATION: Generation | None = None
+"""The scripted generation in progress (webui runs one at a time)."""
+
+
+class Generation:
+    """The compiled UNets of one scripted generation, put into the model that each denoising step samples with.
+
+    Not into the model loaded when the script starts: process_images may load another checkpoint first (the selected
+    one after a request that ended on the refiner, or one in ``override_settings``), and the refiner switch loads its
+    checkpoint between two steps, into a new model object when its config differs. A wrapper put in before such a load
+    stands in a dropped model while the loaded one runs eagerly."""
+
+    def __init__(self, p: StableDiffusionProcessing, args: ScriptArgs, outcome: list[str]):
+        self.p = p
+        self.args = args
+        self.outcome = outcome
+        self.bound = []  # (model, its eager UNet, Lookup) in binding order
+        self.refused = []  # eager UNets of models that cannot be compiled, with a note for the infotext
+        self.compile_counts = {}  # backend -> its number of compiles when this generation first used it
+
+    def bind(self, sd_model) -> None:
+        model = sd_model.model
+        unet = model.diffusion_model
+        if isinstance(unet, CompiledUNet) or any(unet is refused for refused, _ in self.refused):
+            return
+        name = sd_model.sd_checkpoint_info.name_for_extra
+        reason = unsupported_reason(unet)
+        if reason:
+            report(self.p, f"{name} generated without compiling: {reason}")
+            self.refused.append((unet, f"not used for {name}"))
+            self.update_infotext()
+            return
+        lookup = COMPILED_UNETS.get(
+            unet, compile_options(), recompile=self.args.always_recompile and not self.bound,
+            on_compile_start=self.on_compile_start, on_compile_end=self.update_infotext,
+        )
+        print(f"OneDiff: {lookup.how} compiled UNet {type(unet).__module__}.{type(unet).__qualname__} for {name}")
+        self.compile_counts.setdefault(lookup.compiled.backend, len(lookup.compiled.stats.compile_seconds))
+        lookup.compiled.before_call = lora_fusing(self.p, unet, lookup.compiled)
+        model.diffusion_model = lookup.compiled
+        self.bound.append((model, unet, lookup))
+        self.update_infotext()
+
+    def restore(self) -> None:
+        for model, unet, _ in reversed(self.bound):
+            model.diffusion_model = unet
+
+    def failures(self) -> list[str]:
+        return list(dict.fromkeys(lookup.compiled.failure for _, _, lookup in self.bound if lookup.compiled.failure))
+
+    def describe(self) -> str:
+        if self.failures():
+            return f"eager, compile failed: {self.failures()[0]}"
+        if not self.bound:
+            return ", ".join([*self.outcome, "not used"])
+        new = [s for backend, count in self.compile_counts.items() for s in backend.stats.compile_seconds[count:]]
+        fresh = any(lookup.how == "new" for _, _, lookup in self.bound)
+        done = f"compiled in {sum(new):.1f} s" if new else ("compiled" if fresh else "reused")
+        return ", ".join([*self.outcome, done, *(note for _, note in self.refused)])
+
+    def update_infotext(self) -> None:
+        # Webui renders extra_generation_params into each image's infotext after that image's sampling.
+        self.p.extra_generation_params[INFOTEXT_KEY] = self.describe()
+
+    @staticmethod
+    def on_compile_start() -> None:
+        shared.state.textinfo = "OneDiff: compiling the UNet for this size, the first image takes longer..."
+        print("OneDiff: compiling the UNet (about a minute for SDXL on first use; later runs reuse it)")
+
+
+def bind_compiled_unet(_params) -> None:
+    """Called before the UNet calls of every denoising step, after webui's refiner switch."""
+    if ACTIVE_GENERATION is not None:
+        ACTIVE_GENERATION.bind(shared.sd_model)
 
 
 LORA_FUNCTIONAL_REFUSED = (
@@ -279,3 +334,4 @@ def on_app_started(_demo, app):
 
 
 script_callbacks.on_app_started(on_app_started, name="onediff API request forms")
+script_callbacks.on_cfg_denoiser(bind_compiled_unet, name="onediff compiled UNet")

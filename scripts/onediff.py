@@ -91,6 +91,8 @@ def unsupported_reason(unet: torch.nn.Module) -> str | None:
         return "--medvram/--lowvram move UNet blocks between CPU and GPU during a step; start webui without them"
     if shared.loaded_hypernetworks:
         return "hypernetworks patch the attention layers at run time; remove them from the prompt"
+    if any(p.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) for p in unet.parameters()):
+        return "'FP8 weight' (Settings > Optimizations) casts weights inside each layer's forward; turn it off"
     if next(unet.parameters()).device.type != shared.device.type:
         return f"the UNet is on {next(unet.parameters()).device}, not on webui's device {shared.device}"
     return None

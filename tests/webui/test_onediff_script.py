@@ -194,7 +194,7 @@ def test_historic_script_args_forms(sd15_ui, eager_before, args, quantization):
 
 
 def test_webuiapi_client_unchanged(sd15_ui):
-    webuiapi = pytest.importorskip("webuiapi")
+    import webuiapi  # tests/requirements.txt: the unchanged PyPI client is what this test is about
     api = webuiapi.WebUIApi(host="127.0.0.1", port=sd15_ui.port)
     common = dict(prompt="a photo of a cat", width=64, height=64, steps=4, seed=1234)
     result = api.txt2img(script_name=SCRIPT, script_args=[False, "None", "", False], **common)

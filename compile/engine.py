@@ -24,16 +24,16 @@ from .options import CompileOptions
 log = logging.getLogger(__name__)
 
 
-class CompileError(RuntimeError):
-    """A compile failed; the message says why and what to do."""
-
-
 @dataclasses.dataclass
 class CompileStats:
     graphs_compiled: int = 0
     """Graphs handed to Inductor since this UNet was wrapped (one per distinct input shape)."""
     compile_seconds: list[float] = dataclasses.field(default_factory=list)
     """Wall time of each call that compiled, tracing and first run included."""
+
+
+# Raised while Dynamo traces or looks up graphs; FailOnRecompileLimitHit is not a TorchDynamoException.
+DYNAMO_ERRORS = (torch._dynamo.exc.TorchDynamoException, torch._dynamo.exc.FailOnRecompileLimitHit)
 
 
 def _uses_cuda(unet: torch.nn.Module) -> bool:
@@ -140,7 +140,7 @@ class CompiledUNet(torch.nn.Module):
         try:
             out = self._call_compiled(args, kwargs)
         except Exception as error:  # noqa: BLE001 -- only compile-time failures are absorbed, see below
-            compiling = self.stats.graphs_compiled != graphs_before or isinstance(error, torch._dynamo.exc.TorchDynamoException)
+            compiling = self.stats.graphs_compiled != graphs_before or isinstance(error, DYNAMO_ERRORS)
             if not compiling:
                 raise
             self.failure = describe_compile_failure(error)
@@ -180,6 +180,6 @@ def describe_compile_failure(error: BaseException) -> str:
     if isinstance(error, torch._dynamo.exc.FailOnRecompileLimitHit):
         return (
             f"this UNet already holds the most compiled graphs allowed ({first_line}); "
-            "generate at fewer distinct sizes or batch sizes, or raise max_graphs_per_unet"
+            "generate at fewer distinct sizes, batch sizes or prompt lengths, or restart webui to drop the old graphs"
         )
     return f"{type(error).__name__}: {first_line}"

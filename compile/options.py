@@ -43,10 +43,12 @@ class CompileOptions:
     Quality: none. Speed: a few percent at large shapes. Compile time: several times longer (minutes for SDXL)."""
 
     max_graphs_per_unet: int = 64
-    """How many compiled graphs one UNet may hold (one per input shape, prompt length and batch size).
+    """How many compiled graphs one UNet class may hold (one per input shape, prompt length and batch size; Dynamo
+    counts them per traced function, so all models of that class share the limit).
 
-    Past it, a new shape raises an error instead of falling back to eager without telling. Memory: each CUDA graph keeps
-    its own small set of static input buffers; activations are shared. Compile time: none."""
+    Past it, a new shape is reported as a compile failure and runs eagerly, instead of Dynamo falling back to eager
+    without telling. Memory: each CUDA graph keeps its own small set of static input buffers; activations are shared.
+    Compile time: none."""
 
     def __post_init__(self) -> None:
         if self.attention not in ("sdpa", "module"):

@@ -131,3 +131,14 @@ def test_class_level_layer_patches_are_not_traced(sd15):
     assert compiled.failure is None
     assert compiled.stats.graphs_compiled == graphs
     assert relative_error(out, unet(*args, **kwargs)) < TOLERANCE
+
+
+@torch.no_grad()
+def test_past_the_graph_limit_a_new_shape_runs_eagerly_and_says_why():
+    """Dynamo's own behaviour past its recompile limit is to run eagerly without telling; ours reports it."""
+    unet = arch.sd_unet(arch.SD15_TINY, seed=6)
+    compiled = CompiledUNet(unet, CompileOptions(max_graphs_per_unet=1))
+    for latent in (8, 24):
+        args, kwargs = arch.sd_inputs(arch.SD15_TINY, tokens=7, latent=latent)
+        assert relative_error(compiled(*args, **kwargs), unet(*args, **kwargs)) < TOLERANCE
+    assert "most compiled graphs" in compiled.failure

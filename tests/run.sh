@@ -8,5 +8,7 @@ PYTHON=${PYTHON:-python3}
 "$PYTHON" -m pip install -q -r tests/requirements.txt
 # ldm's UNetModel (the SD1.x/SD2.x code webui runs) from PyPI; --no-deps: its pins are for training, not needed here.
 "$PYTHON" -m pip install -q --no-deps "stable-diffusion-sdkit==2.1.5"
+# benchmark smoke runs: the tables print and compiled agrees with eager (no timing is asserted)
 "$PYTHON" bench/unet_bench.py --tiny --device cpu --repeat 2
+"$PYTHON" bench/sampler_bench.py --tiny --device cpu --steps 4
 exec "$PYTHON" -m pytest tests -q -p no:cacheprovider "$@"

@@ -26,7 +26,7 @@ from sd_webui_onediff.compile import CompiledUNet, cache_artifacts  # noqa: E402
 
 def first_call_seconds(compiled, inputs, kwargs, device) -> float:
     began = time.perf_counter()
-    with torch.no_grad(), torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda"):
+    with torch.no_grad(), unet_bench.fp16_autocast(device):
         compiled(*inputs, **kwargs)
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -45,9 +45,7 @@ def phase(args) -> dict:
         build, full, tiny, make_inputs, latent = unet_bench.CASES[name]
         config, latent = (tiny, 16) if args.tiny else (full, latent)
         unet = build(config, seed=1).to(device, dtype)
-        inputs, kwargs = make_inputs(config, batch=2, latent=latent)
-        inputs = tuple(t.to(device) for t in inputs)
-        kwargs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+        inputs, kwargs = unet_bench.on_device(*make_inputs(config, batch=2, latent=latent), device)
         compiled = CompiledUNet(unet)
         result[f"{name} compile s"] = first_call_seconds(compiled, inputs, kwargs, device)
         if compiled.failure:
@@ -58,7 +56,7 @@ def phase(args) -> dict:
             rebound = CompiledUNet(other, backend=compiled.backend)
             result[f"{name} rebind s"] = first_call_seconds(rebound, inputs, kwargs, device)
             result[f"{name} recompiles on rebind"] = compiled.stats.graphs_compiled - 1
-            with torch.no_grad(), torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda"):
+            with torch.no_grad(), unet_bench.fp16_autocast(device):
                 out, expected = rebound(*inputs, **kwargs), other(*inputs, **kwargs)
             result[f"{name} rebind err"] = unet_bench.relative_error(out, expected)
             del other, rebound

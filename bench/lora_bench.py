@@ -36,14 +36,12 @@ def main() -> None:
     unet = build(config, seed=1)
     loras = {"A": make_lora(unet, args.rank, seed=10, scale=0.05), "B": make_lora(unet, args.rank, seed=11, scale=0.05)}
     unet.to(device, dtype)
-    inputs, kwargs = make_inputs(config, batch=2, latent=latent)
-    inputs = tuple(t.to(device) for t in inputs)
-    kwargs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+    inputs, kwargs = unet_bench.on_device(*make_inputs(config, batch=2, latent=latent), device)
     applier = KohyaApplier(unet, loras)
     fused = FusedLoras(applier.layers, fused=applier.fused, fuse=applier.fuse)
     compiled = CompiledUNet(unet)
     compiled.before_call = lambda: fused.sync(applier.wanted)
-    autocast = torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda")
+    autocast = unet_bench.fp16_autocast(device)
 
     def step():
         with torch.no_grad(), autocast:

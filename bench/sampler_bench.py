@@ -73,11 +73,9 @@ def run_model(name: str, args, device: torch.device) -> dict:
     (_x, _t, *positional), kwargs = make_inputs(config, batch=2, latent=latent)
     if positional:  # diffusers' UNet takes the context positionally; wrap it into the keyword form
         kwargs = {"encoder_hidden_states": positional[0], **kwargs}
-    cond_kwargs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
-    if "added_cond_kwargs" in cond_kwargs:
-        cond_kwargs["added_cond_kwargs"] = {k: v.to(device) for k, v in cond_kwargs["added_cond_kwargs"].items()}
+    _, cond_kwargs = unet_bench.on_device((), kwargs, device)
     schedule, sigmas = discrete_sigmas(args.steps)
-    autocast = torch.autocast(device.type, dtype=torch.float16) if dtype == torch.float16 else contextlib.nullcontext()
+    autocast = unet_bench.fp16_autocast(device)
     sdp = SdpaAttention(unet, upcast=False)
 
     def sample(model, install=contextlib.nullcontext):

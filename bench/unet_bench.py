@@ -11,7 +11,6 @@ the same weights, the noise level any fp16 run has; the script exits non-zero wh
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import runpy
 import statistics
@@ -19,6 +18,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.utils._pytree import tree_map_only
 
 runpy.run_path(str(Path(__file__).with_name("bootstrap.py")))
 
@@ -31,6 +31,16 @@ CASES = {
     "sdxl": (arch.sdxl_unet, arch.SDXL_FULL, arch.SDXL_TINY, arch.sdxl_inputs, 128),
     "sd15": (arch.sd_unet, arch.SD15_FULL, arch.SD15_TINY, arch.sd_inputs, 64),
 }
+
+
+def on_device(inputs: tuple, kwargs: dict, device: torch.device) -> tuple[tuple, dict]:
+    """Every tensor of a UNet call's arguments, nested ones (diffusers' ``added_cond_kwargs``) included, on ``device``."""
+    return tree_map_only(torch.Tensor, lambda tensor: tensor.to(device), (inputs, kwargs))
+
+
+def fp16_autocast(device: torch.device) -> torch.autocast:
+    """fp16 autocast on CUDA, as webui runs fp16 models; off on the CPU, where everything stays float32."""
+    return torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda")
 
 
 def timed_ms(fn, device: torch.device, repeat: int) -> float:
@@ -81,12 +91,8 @@ def run_case(name: str, args: argparse.Namespace, device: torch.device) -> dict:
     latent = 16 if args.tiny else latent
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     unet = build(config).to(device)
-    inputs, kwargs = make_inputs(config, batch=2, latent=latent)
-    inputs = tuple(t.to(device) for t in inputs)
-    kwargs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
-    if "added_cond_kwargs" in kwargs:
-        kwargs["added_cond_kwargs"] = {k: v.to(device) for k, v in kwargs["added_cond_kwargs"].items()}
-    autocast = torch.autocast(device.type, dtype=dtype) if dtype == torch.float16 else contextlib.nullcontext()
+    inputs, kwargs = on_device(*make_inputs(config, batch=2, latent=latent), device)
+    autocast = fp16_autocast(device)
     sdp = SdpaAttention(unet, upcast=False)
 
     with torch.no_grad():

@@ -1,7 +1,6 @@
 """Which compiled UNet serves which eager UNet."""
 from __future__ import annotations
 
-import collections
 import dataclasses
 from typing import Callable
 
@@ -32,7 +31,7 @@ class CompiledUNets:
 
     def __init__(self, capacity: int = 4):
         self.capacity = capacity
-        self._entries: collections.OrderedDict[tuple, CompiledUNet] = collections.OrderedDict()
+        self._entries: dict[tuple, CompiledUNet] = {}
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -57,7 +56,6 @@ class CompiledUNets:
                 self.clear()
             how, entry = "new", CompiledUNet(unet, options)
         self._entries[key] = entry
-        self._entries.move_to_end(key)
         entry.on_compile_start = on_compile_start
         entry.on_compile_end = on_compile_end
         entry.before_call = None

@@ -81,6 +81,12 @@ def report(p: StableDiffusionProcessing, message: str) -> None:
     p.comment(f"OneDiff: {message}")
 
 
+def report_after(processed: Processed, message: str) -> None:
+    """``report`` once processing is over: the UI's info box shows the Processed's comments, copied from ``p``'s."""
+    print(f"OneDiff: {message}")
+    processed.comments += f"OneDiff: {message}\n"
+
+
 def unsupported_reason(unet: torch.nn.Module) -> str | None:
     kind = f"{type(unet).__module__}.{type(unet).__qualname__}"
     if TORCH_PROBLEM:
@@ -131,8 +137,7 @@ def generate(p: StableDiffusionProcessing, args: ScriptArgs) -> Processed:
         ACTIVE_GENERATION = None
         generation.restore()
     for failure in generation.failures():
-        report(p, f"generated without compiling: {failure}")
-        processed.comments += f"OneDiff: generated without compiling: {failure}\n"
+        report_after(processed, f"generated without compiling: {failure}")
     if args.saved_cache_name:
         try:
             # The model loaded now: the one loaded when the script started may have been dropped to the meta device.
@@ -141,8 +146,7 @@ def generate(p: StableDiffusionProcessing, args: ScriptArgs) -> Processed:
             message = f"saved compiler cache {args.saved_cache_name!r} to {path}"
         except (cache_artifacts.CacheError, OSError) as error:
             message = f"could not save the compiler cache: {error}"
-        print(f"OneDiff: {message}")
-        processed.comments += f"OneDiff: {message}\n"
+        report_after(processed, message)
         # the API's info carries extra_generation_params (the infotexts were written before the save)
         p.extra_generation_params[f"{INFOTEXT_KEY} cache save"] = message
     return processed

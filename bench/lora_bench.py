@@ -3,8 +3,9 @@
     python bench/lora_bench.py                 # full-size SDXL, rank 32, fp16, GPU
     python bench/lora_bench.py --tiny --device cpu
 
-Fusing uses ``lora.FusedLoras`` with ``bench.loras.KohyaApplier`` (webui's contract and arithmetic: CPU backups,
-restore, fp32 ``up @ down`` added); inside webui the builtin Lora extension's own function does the same work.
+Fusing uses ``lora.FusedLoras`` with ``bench.loras.KohyaApplier`` (webui's contract and arithmetic: host backups in
+page-locked memory as the webui adapter makes them, restore, fp32 ``up @ down`` added); inside webui the builtin Lora
+extension's own function computes the deltas.
 """
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ def main() -> None:
     unet.to(device, dtype)
     inputs, kwargs = unet_bench.on_device(*make_inputs(config, batch=2, latent=latent), device)
     applier = KohyaApplier(unet, loras)
-    fused = FusedLoras(applier.layers, fused=applier.fused, fuse=applier.fuse)
+    fused = FusedLoras(applier.layers, fused=applier.fused, fuse=applier.fuse, back_up=applier.back_up)
     compiled = CompiledUNet(unet)
     compiled.before_call = lambda: fused.sync(applier.wanted)
     autocast = unet_bench.fp16_autocast(device)

@@ -1,9 +1,11 @@
 """Random LoRAs in kohya's naming for ldm/sgm layers, and an applier with the contract of webui's
-``networks.network_apply_weights``: back up each original weight once (on the CPU), restore it, add the wanted deltas
+``networks.network_apply_weights``: back up each original weight once (on the host), restore it, add the wanted deltas
 ``multiplier * alpha / rank * up @ down``. webui runs its own; tests and benchmarks without webui use this one."""
 from __future__ import annotations
 
 import torch
+
+from sd_webui_onediff.lora import pinned_copies
 
 TARGETS = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "attn2.to_q", "attn2.to_k", "attn2.to_v",
            "attn2.to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2")
@@ -35,7 +37,8 @@ def lora_delta(lora: dict, key: str, weight: torch.Tensor) -> torch.Tensor:
 
 
 class KohyaApplier:
-    """``fused(layer)`` and ``fuse(layer)`` for ``lora.FusedLoras``; ``wanted``: ((name, multiplier), ...)."""
+    """``fused``, ``fuse`` and ``back_up`` for ``lora.FusedLoras``; ``wanted``: ((name, multiplier), ...). Backups and
+    restores as the webui adapter makes them (``lora.pinned_copies``), deltas added as webui adds them."""
 
     def __init__(self, unet: torch.nn.Module, loras: dict[str, dict]):
         self.loras = loras
@@ -49,11 +52,15 @@ class KohyaApplier:
     def fused(self, layer) -> tuple:
         return getattr(layer, "fused_set", ())
 
+    def back_up(self, layers) -> None:
+        fresh = [layer for layer in layers if not hasattr(layer, "original_weight")]
+        for layer, copy in zip(fresh, pinned_copies([layer.weight.detach() for layer in fresh])):
+            layer.original_weight = copy
+
     def fuse(self, layer) -> None:
-        if not hasattr(layer, "original_weight"):
-            layer.original_weight = layer.weight.detach().to("cpu", copy=True)
-        deltas = [m * lora_delta(self.loras[n], layer.lora_key, layer.weight) for n, m in self.wanted
-                  if f"{layer.lora_key}.alpha" in self.loras[n]]
-        weight = layer.original_weight.to(layer.weight.device, torch.float32)
-        layer.weight.copy_(sum(deltas, weight) if deltas else layer.original_weight)
+        layer.weight.copy_(layer.original_weight, non_blocking=True)
+        for name, multiplier in self.wanted:
+            if f"{layer.lora_key}.alpha" in self.loras[name]:
+                delta = multiplier * lora_delta(self.loras[name], layer.lora_key, layer.weight)
+                layer.weight.copy_(layer.weight.float() + delta)
         layer.fused_set = self.wanted

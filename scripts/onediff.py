@@ -6,6 +6,7 @@ nothing from webui. Those packages are loaded as ``sd_webui_onediff.*`` (see the
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -46,7 +47,7 @@ else:
     from sd_webui_onediff.compile.engine import CompiledUNet  # noqa: E402
     from sd_webui_onediff.compile.layers import PLAIN_FORWARDS  # noqa: E402
     from sd_webui_onediff.compile.registry import CompiledUNets  # noqa: E402
-    from sd_webui_onediff.lora import FusedLoras  # noqa: E402
+    from sd_webui_onediff.lora import FusedLoras, pinned_copies  # noqa: E402
 
     COMPILED_UNETS = CompiledUNets()
 
@@ -244,7 +245,8 @@ def lora_fusing(p: StableDiffusionProcessing, unet: torch.nn.Module, compiled):
     # on a container (a ResBlock, the UNet itself) it fails reading ``.weight``.
     layers = [module for module in unet.modules()
               if isinstance(module, tuple(PLAIN_FORWARDS)) and getattr(module, "network_layer_name", None)]
-    loras = FusedLoras(layers, fused=lambda layer: getattr(layer, "network_current_names", ()), fuse=networks.network_apply_weights)
+    loras = FusedLoras(layers, fused=lambda layer: getattr(layer, "network_current_names", ()),
+                       fuse=networks.network_apply_weights, back_up=back_up_in_pinned_memory)
 
     def before_call():
         # The same tuple network_apply_weights compares against each layer's network_current_names.
@@ -254,13 +256,49 @@ def lora_fusing(p: StableDiffusionProcessing, unet: torch.nn.Module, compiled):
                 compiled.run_eagerly(LORA_FUNCTIONAL_REFUSED)
                 p.extra_generation_params[INFOTEXT_KEY] = f"eager: {LORA_FUNCTIONAL_REFUSED}"
             return
-        seconds = loras.sync(wanted)
+        with restoring_without_waiting(networks):
+            seconds = loras.sync(wanted)
         if seconds is not None:
             p.extra_generation_params[f"{INFOTEXT_KEY} LoRA fuse"] = f"{seconds * 1e3:.0f} ms"
             done = f"fused {len(wanted)} LoRA network(s) into" if wanted else "removed the LoRA networks from"
             print(f"OneDiff: {done} the UNet in {seconds * 1e3:.0f} ms")
 
     return before_call
+
+
+def back_up_in_pinned_memory(layers) -> None:
+    """The backups webui's ``network_apply_weights`` makes of a layer's original weight and bias before its first LoRA
+    (``network_weights_backup``, ``network_bias_backup``), made here for all layers at once in page-locked memory;
+    backups webui already made in pageable memory (eager generations) are moved there too. Webui uses them unchanged."""
+    backups = []  # (layer, attribute, tensor to copy)
+    for layer in layers:
+        unfused = getattr(layer, "network_current_names", ()) == ()
+        for attribute, tensor in (("network_weights_backup", layer.weight), ("network_bias_backup", layer.bias)):
+            backup = getattr(layer, attribute, None)
+            if backup is None and unfused and tensor is not None:
+                backups.append((layer, attribute, tensor))
+            elif isinstance(backup, torch.Tensor) and torch.cuda.is_available() and not backup.is_pinned():
+                backups.append((layer, attribute, backup))
+    for (layer, attribute, _), copy in zip(backups, pinned_copies([tensor.detach() for *_, tensor in backups])):
+        setattr(layer, attribute, copy)
+
+
+@contextlib.contextmanager
+def restoring_without_waiting(networks):
+    """Webui restores each backup with a blocking copy; from page-locked memory the copies can queue on the stream
+    (``FusedLoras.sync`` waits once at its end)."""
+    blocking = networks.restore_weights_backup
+
+    def restore(owner, field, backup):
+        if backup is None or not backup.is_pinned():
+            return blocking(owner, field, backup)
+        getattr(owner, field).copy_(backup, non_blocking=True)
+
+    networks.restore_weights_backup = restore
+    try:
+        yield
+    finally:
+        networks.restore_weights_backup = blocking
 
 
 class Script(scripts.Script):

@@ -5,7 +5,7 @@ import torch
 from sd_webui_onediff.bench import architectures as arch
 from sd_webui_onediff.bench.loras import KohyaApplier, lora_delta, lora_key, make_lora
 from sd_webui_onediff.compile import CompiledUNet
-from sd_webui_onediff.lora import FusedLoras
+from sd_webui_onediff.lora import FusedLoras, pinned_copies
 
 
 def reference(base_state: dict, wanted, loras) -> torch.nn.Module:
@@ -26,7 +26,7 @@ def test_switching_loras_changes_weights_in_place_without_recompiling():
     base_state = {k: v.clone() for k, v in unet.state_dict().items()}
     loras = {"A": make_lora(unet, rank=4, seed=10), "B": make_lora(unet, rank=8, seed=11)}
     applier = KohyaApplier(unet, loras)
-    fused = FusedLoras(applier.layers, fused=applier.fused, fuse=applier.fuse)
+    fused = FusedLoras(applier.layers, fused=applier.fused, fuse=applier.fuse, back_up=applier.back_up)
     compiled = CompiledUNet(unet)
     compiled.before_call = lambda: fused.sync(applier.wanted)
     args, kwargs = arch.sd_inputs(arch.SD15_TINY, tokens=7)
@@ -57,3 +57,31 @@ def test_sync_is_a_no_op_while_nothing_changes():
     layer.fused_set = ("old",)  # e.g. a checkpoint reload reset some layers, or webui fused in an eager call
     assert fused.sync(("new",)) is not None and calls == [layer]
     assert fused.sync(("new",)) is None and calls == [layer]
+
+
+def test_pinned_copies_are_exact_views_of_one_buffer():
+    tensors = [torch.randn(3, 5), torch.randn(7, dtype=torch.float64), torch.randn(2, 3, 3, 3).to(memory_format=torch.channels_last)]
+    copies = pinned_copies(tensors)
+    assert all(torch.equal(copy, tensor) and copy.dtype == tensor.dtype for copy, tensor in zip(copies, tensors))
+    assert len({copy.untyped_storage().data_ptr() for copy in copies}) == 1, "one buffer for all backups"
+    tensors[0].add_(1)
+    assert not torch.equal(copies[0], tensors[0]), "copies, not views of the originals"
+
+
+@torch.no_grad()
+def test_a_bias_added_to_a_bias_less_layer_reaches_the_compiled_graph():
+    """Webui's "full" networks with ``diff_b`` give a layer without bias a new bias Parameter; the compiled graph must
+    use it (its guards recompile for it) and drop it again when the network goes."""
+    unet = arch.sd_unet(arch.SD15_TINY, seed=1)
+    compiled = CompiledUNet(unet)
+    args, kwargs = arch.sd_inputs(arch.SD15_TINY, tokens=7)
+    before = compiled(*args, **kwargs)
+    to_q = next(m for name, m in unet.named_modules() if name.endswith("attn1.to_q"))
+    assert to_q.bias is None
+    to_q.bias = torch.nn.Parameter(torch.randn(to_q.out_features))
+    with_bias = compiled(*args, **kwargs)
+    expected = unet(*args, **kwargs)
+    assert ((with_bias - expected).norm() / expected.norm()).item() < 1e-4
+    assert ((with_bias - before).norm() / before.norm()).item() > 1e-3, "the added bias vanished from the graph"
+    to_q.bias = None
+    assert torch.allclose(compiled(*args, **kwargs), before, rtol=0, atol=1e-6)

@@ -213,24 +213,57 @@ def _text_encoder_lora_target(config):
     return "lora_te_", params.cond_stage_config
 
 
-def _lora_pair(sd, key, m, rank, strength, gen) -> None:
+NETWORK_KINDS = ("lora", "loha", "lokr", "ia3", "full", "oft", "norm")
+"""The network types of webui's builtin Lora extension that ``build_lora`` can write (keys as each type's loader in
+webui's ``network_*.py`` expects them). "full" writes ``diff_b`` for the layers that have a bias: webui 1.10.1's eager
+path fails a network that adds a bias to a bias-less layer on its second forward ("no backup bias found"), so no eager
+image exists to compare with. "norm" targets the transformer blocks' LayerNorms instead of attention Linears."""
+
+
+def _network_weights(sd, key, m, kind, rank, strength, gen) -> None:
     import torch
 
-    down = torch.randn(rank, m.in_features, generator=gen) / m.in_features ** 0.5
-    up = torch.randn(m.out_features, rank, generator=gen) * strength / rank ** 0.5
-    sd[f"{key}.lora_down.weight"] = down.contiguous()
-    sd[f"{key}.lora_up.weight"] = up.contiguous()
-    sd[f"{key}.alpha"] = torch.tensor(float(rank))
+    def randn(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=gen) * scale).contiguous()
+
+    out_f, in_f = m.weight.shape[0], m.weight.shape[-1]
+    if kind == "lora":
+        sd[f"{key}.lora_down.weight"] = randn(rank, in_f, scale=in_f ** -0.5)
+        sd[f"{key}.lora_up.weight"] = randn(out_f, rank, scale=strength * rank ** -0.5)
+    elif kind == "loha":
+        for w in ("w1", "w2"):
+            sd[f"{key}.hada_{w}_a"] = randn(out_f, rank, scale=strength ** 0.5 * rank ** -0.5)
+            sd[f"{key}.hada_{w}_b"] = randn(rank, in_f, scale=in_f ** -0.5)
+    elif kind == "lokr":
+        sd[f"{key}.lokr_w1"] = randn(2, 2, scale=0.5)
+        sd[f"{key}.lokr_w2"] = randn(out_f // 2, in_f // 2, scale=strength * in_f ** -0.5)
+    elif kind == "ia3":
+        sd[f"{key}.weight"] = randn(out_f, scale=strength)
+        sd[f"{key}.on_input"] = torch.tensor(False)
+    elif kind == "full":
+        sd[f"{key}.diff"] = randn(out_f, in_f, scale=strength * in_f ** -0.5)
+        if m.bias is not None:
+            sd[f"{key}.diff_b"] = randn(out_f, scale=strength)
+    elif kind == "oft":
+        blocks = 4
+        sd[f"{key}.oft_blocks"] = randn(blocks, out_f // blocks, out_f // blocks, scale=0.3 * strength)
+    elif kind == "norm":
+        sd[f"{key}.w_norm"] = randn(out_f, scale=strength)
+        sd[f"{key}.b_norm"] = randn(out_f, scale=strength)
+    else:
+        raise ValueError(f"unknown network kind {kind!r}; one of {NETWORK_KINDS}")
+    if kind in ("lora", "loha", "oft"):
+        sd[f"{key}.alpha"] = torch.tensor(float(rank))
 
 
 def build_lora(config_path, out_path, seed: int, rank: int = 4, strength: float = 1.0, webui_path=None,
-               parts=("unet",)) -> Path:
+               parts=("unet",), kind: str = "lora") -> Path:
     """Write a random kohya-style LoRA for a config's model; ``parts``: any of "unet", "te".
 
     "unet": the UNet attention Linear layers, keys ``lora_unet_`` + compvis module path with ``_``, which webui's builtin
     Lora extension maps by replacing ``lora_unet`` with ``diffusion_model``. "te": the Linear layers of the CLIP text
     encoder's transformer layers, keys ``lora_te_text_model_encoder_layers_*`` (SD1.x) or ``lora_te1_...`` (SDXL, first
-    text encoder). The file goes to ``<name>.safetensors`` (put it in models/Lora).
+    text encoder). ``kind``: one of ``NETWORK_KINDS``. The file goes to ``<name>.safetensors`` (put it in models/Lora).
     """
     _prepare_imports(webui_path)
     import torch
@@ -245,14 +278,18 @@ def build_lora(config_path, out_path, seed: int, rank: int = 4, strength: float 
     if "unet" in parts:
         unet = _instantiate(config.model.params.get("unet_config") or config.model.params.network_config)
         for name, m in unet.named_modules():
-            if isinstance(m, torch.nn.Linear) and (".attn1." in name or ".attn2." in name):
-                _lora_pair(sd, "lora_unet_" + name.replace(".", "_"), m, rank, strength, gen)
+            if kind == "norm":
+                wanted = isinstance(m, torch.nn.LayerNorm) and ".transformer_blocks." in name
+            else:
+                wanted = isinstance(m, torch.nn.Linear) and (".attn1." in name or ".attn2." in name)
+            if wanted:
+                _network_weights(sd, "lora_unet_" + name.replace(".", "_"), m, kind, rank, strength, gen)
     if "te" in parts:
         prefix, encoder_config = _text_encoder_lora_target(config)
         text_model = _instantiate(encoder_config).transformer
         for name, m in text_model.named_modules():
             if isinstance(m, torch.nn.Linear) and name.startswith("text_model.encoder.layers."):
-                _lora_pair(sd, prefix + name.replace(".", "_"), m, rank, strength, gen)
+                _network_weights(sd, prefix + name.replace(".", "_"), m, "lora", rank, strength, gen)
     if not sd:
         raise RuntimeError(f"no layers for LoRA parts {parts} found in the model of {config_path}")
     save_file(sd, str(out_path), metadata={"ss_network_module": "networks.lora", "ss_network_dim": str(rank),

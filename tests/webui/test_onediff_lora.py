@@ -24,15 +24,19 @@ MEAN_TOLERANCE, MAX_TOLERANCE = 1.0, 8
 CLEARLY_DIFFERENT = 3.0
 """Mean absolute uint8 difference above which two images are not the same image."""
 
-# name -> (config, seed, parts)
+OTHER_KINDS = ("loha", "lokr", "ia3", "full", "oft", "norm")
+"""Network types besides plain LoRA (checkpoints.NETWORK_KINDS), each a UNet-only file for tiny SD1.5."""
+
+# name -> (config, seed, parts, network kind)
 LORAS = {
-    "odl-sd15-unet": ("tiny-sd15.yaml", 21, ("unet",)),
-    "odl-sd15-unet-b": ("tiny-sd15.yaml", 22, ("unet",)),
-    "odl-sd15-te": ("tiny-sd15.yaml", 23, ("te",)),
-    "odl-sd15-both": ("tiny-sd15.yaml", 24, ("unet", "te")),
-    "odl-sdxl-unet": ("tiny-sdxl.yaml", 25, ("unet",)),
-    "odl-sdxl-te": ("tiny-sdxl.yaml", 26, ("te",)),
-    "odl-sdxl-both": ("tiny-sdxl.yaml", 27, ("unet", "te")),
+    "odl-sd15-unet": ("tiny-sd15.yaml", 21, ("unet",), "lora"),
+    "odl-sd15-unet-b": ("tiny-sd15.yaml", 22, ("unet",), "lora"),
+    "odl-sd15-te": ("tiny-sd15.yaml", 23, ("te",), "lora"),
+    "odl-sd15-both": ("tiny-sd15.yaml", 24, ("unet", "te"), "lora"),
+    "odl-sdxl-unet": ("tiny-sdxl.yaml", 25, ("unet",), "lora"),
+    "odl-sdxl-te": ("tiny-sdxl.yaml", 26, ("te",), "lora"),
+    "odl-sdxl-both": ("tiny-sdxl.yaml", 27, ("unet", "te"), "lora"),
+    **{f"odl-sd15-{kind}": ("tiny-sd15.yaml", 30 + i, ("unet",), kind) for i, kind in enumerate(OTHER_KINDS)},
 }
 
 
@@ -44,9 +48,9 @@ def loras(webui):
         import sys
         sys.path.insert(0, {str(HERE)!r})
         import checkpoints
-        for name, (config, seed, parts) in {LORAS!r}.items():
+        for name, (config, seed, parts, kind) in {LORAS!r}.items():
             checkpoints.build_lora(checkpoints.CONFIGS / config, {str(lora_dir)!r} + f"/{{name}}.safetensors", seed,
-                                   webui_path={str(webui.webui_path)!r}, parts=parts)
+                                   webui_path={str(webui.webui_path)!r}, parts=parts, kind=kind)
     """)
     r = subprocess.run([webui.python, "-c", code], env=webui.env(), cwd=str(webui.data_dir), capture_output=True,
                        text=True, timeout=600)
@@ -112,6 +116,22 @@ def test_lora_kinds_match_eager(webui, loras, checkpoint, family):
         eager, _ = generate(webui, prompt, script=False)
         assert_matches_eager(compiled, eager, f"{checkpoint} {kind} LoRA")
         assert_differs(compiled, plain, f"{checkpoint} {kind} LoRA vs no LoRA")
+
+
+@pytest.mark.parametrize("kind", OTHER_KINDS)
+def test_network_kinds_match_eager(sd15, loras, kind):
+    """Every network type of webui's builtin Lora extension, fused by webui's own code: the script's image equals eager
+    webui's (same tolerance) and differs from the image without it; removing it gives the plain image back bit-exactly,
+    all without a recompile. "full" changes biases too (a bias added where there was none: tests/test_lora.py)."""
+    plain, _ = generate(sd15, PROMPT, script=True)
+    prompt = f"{PROMPT} <lora:odl-sd15-{kind}:1>"
+    compiled, info = generate(sd15, prompt, script=True)
+    assert_onediff_ran(info, kind, reused=True)
+    eager, _ = generate(sd15, prompt, script=False)
+    assert_matches_eager(compiled, eager, f"{kind} network")
+    assert_differs(compiled, plain, f"{kind} network vs none")
+    again, _ = generate(sd15, PROMPT, script=True)
+    assert np.array_equal(again, plain), f"{kind} not removed exactly: {difference(again, plain)}"
 
 
 def test_lora_sequence_fuses_in_place_without_recompiling(sd15, loras):

@@ -1,0 +1,251 @@
+"""End-to-end numbers from a running webui: eager webui against the OneDiff script, through webui's HTTP API.
+
+Start webui with ``--api`` and this extension installed, with the checkpoints named below in its models folder, then::
+
+    python bench/webui_bench.py --url http://127.0.0.1:7860 speed --checkpoint sd15-a --size 512 --save-cache sd15
+    python bench/webui_bench.py --url ... switch --checkpoint sd15-a --to sd15-b
+    python bench/webui_bench.py --url ... lora --checkpoint sdxl --size 1024 --lora NAME
+    python bench/webui_bench.py --url ... session --requests session.json
+    python bench/webui_bench.py --url ... first-image --checkpoint sd15-a --size 512 --cache NAME
+
+Each prints a markdown table and appends its rows to ``--json``. Only the standard library and ``requests`` are needed.
+
+- ``speed``: 30 steps of Euler a, batch 1, seconds from request to image (median of ``--repeat``), eager then with the
+  script; it/s from the difference of a 30-step and a 10-step request (text encoding, VAE decode and the HTTP round trip
+  cancel out). The script's first request (compile, or the cache given with ``--cache``) is timed apart. Peak GPU
+  memory as webui's ``/sdapi/v1/memory`` reports it (torch's allocator, since webui started): eager runs first, so the
+  peak after the script's runs is the higher of the two. Last, one image each way, same seed, compared pixel by pixel.
+- ``switch``: seconds webui takes to load another checkpoint (``sd_model_checkpoint``), eager webui against the script,
+  where the switch also includes the first image after it (rebinding the compiled graph, 0 compiles expected).
+- ``lora``: the ``OneDiff LoRA fuse`` time of each LoRA change and it/s with and without the LoRA.
+- ``session``: a list of requests (``[{"checkpoint": ..., "payload": {...}}, ...]``) run with the script; counts what
+  each did (``OneDiff: compiled / reused / loaded``) from the infotext.
+- ``first-image``: seconds of the first request after a webui start, with the script and a saved compiler cache.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import time
+
+import requests
+
+SCRIPT_TITLE = "onediff_diffusion_model"
+BASE = {"prompt": "a photo of a cat, highly detailed", "negative_prompt": "blurry", "sampler_name": "Euler a",
+        "cfg_scale": 7.0, "seed": 1234, "batch_size": 1, "n_iter": 1, "save_images": False,
+        "send_images": False, "do_not_save_samples": True, "do_not_save_grid": True}
+
+
+class WebUI:
+    def __init__(self, url: str):
+        self.url = url.rstrip("/")
+
+    def post(self, path: str, body: dict, timeout: float = 1800) -> dict:
+        response = requests.post(self.url + path, json=body, timeout=timeout)
+        if response.status_code != 200:
+            raise SystemExit(f"{path} failed: HTTP {response.status_code}: {response.text[:2000]}")
+        return response.json() if response.content else {}
+
+    def select(self, checkpoint: str) -> float:
+        """Loads ``checkpoint`` (a title or name webui lists); the seconds it took, 0 if it was loaded already."""
+        current = requests.get(self.url + "/sdapi/v1/options", timeout=60).json()["sd_model_checkpoint"]
+        if current.split(" [")[0].rsplit(".", 1)[0] == checkpoint:
+            return 0.0
+        started = time.perf_counter()
+        self.post("/sdapi/v1/options", {"sd_model_checkpoint": checkpoint})
+        return time.perf_counter() - started
+
+    def txt2img(self, script: bool, script_args: list | None = None, **payload) -> tuple[float, str]:
+        """(seconds, infotext) of one request."""
+        seconds, answer = self.timed_txt2img(script, script_args, **payload)
+        return seconds, json.loads(answer["info"])["infotexts"][0]
+
+    def timed_txt2img(self, script: bool, script_args: list | None = None, **payload) -> tuple[float, dict]:
+        body = {**BASE, **payload}
+        if script:
+            body.update(script_name=SCRIPT_TITLE, script_args=script_args or [])
+        started = time.perf_counter()
+        answer = self.post("/sdapi/v1/txt2img", body)
+        return time.perf_counter() - started, answer
+
+    def image(self, script: bool, **payload):
+        """The first image of a request as a uint8 array (numpy and PIL needed here only)."""
+        import base64
+        import io
+
+        import numpy
+        from PIL import Image
+
+        _, answer = self.timed_txt2img(script, send_images=True, **payload)
+        return numpy.asarray(Image.open(io.BytesIO(base64.b64decode(answer["images"][0]))).convert("RGB"))
+
+    def memory_gib(self) -> dict:
+        cuda = requests.get(self.url + "/sdapi/v1/memory", timeout=60).json().get("cuda", {})
+        if "allocated" not in cuda:
+            return {}
+        gib = 1024 ** 3
+        return {"allocated peak": cuda["allocated"]["peak"] / gib, "reserved": cuda["reserved"]["current"] / gib,
+                "device used": cuda["system"]["used"] / gib}
+
+
+def onediff_field(infotext: str, key: str = "OneDiff") -> str:
+    match = re.search(rf'(?:^|, ){re.escape(key)}: ("(?:[^"\\]|\\.)*"|[^,\n]*)', infotext.splitlines()[-1])
+    if match is None:
+        return "not in infotext"
+    value = match.group(1)
+    return json.loads(value) if value.startswith('"') else value
+
+
+def require_script_ran(infotext: str) -> str:
+    outcome = onediff_field(infotext)
+    if outcome.startswith(("eager", "not used", "not in")):
+        raise SystemExit(f"the script did not run compiled: OneDiff: {outcome}\n{infotext}")
+    return outcome
+
+
+def median_seconds(ui: WebUI, repeat: int, script: bool, **payload) -> float:
+    times = []
+    for _ in range(repeat):
+        seconds, infotext = ui.txt2img(script, **payload)
+        if script:
+            require_script_ran(infotext)
+        times.append(seconds)
+    return statistics.median(times)
+
+
+def steps_per_second(ui: WebUI, repeat: int, script: bool, steps: int, **payload) -> tuple[float, float]:
+    """(median seconds of ``steps`` steps, it/s from the difference with a third as many steps)."""
+    few = max(1, steps // 3)
+    full = median_seconds(ui, repeat, script, steps=steps, **payload)
+    short = median_seconds(ui, repeat, script, steps=few, **payload)
+    return full, (steps - few) / max(full - short, 1e-9)
+
+
+def speed(ui: WebUI, args) -> list[dict]:
+    ui.select(args.checkpoint)
+    size = {"width": args.width or args.size, "height": args.size}
+    ui.txt2img(False, steps=4, **size)  # warm-up: cuDNN/cuBLAS choices, allocator
+    eager_s, eager_its = steps_per_second(ui, args.repeat, False, args.steps, **size)
+    eager_memory = ui.memory_gib()
+    first_s, first_info = ui.txt2img(True, [False, args.cache or "None", args.save_cache], steps=args.steps, **size)
+    outcome = require_script_ran(first_info)
+    script_s, script_its = steps_per_second(ui, args.repeat, True, args.steps, **size)
+    script_memory = ui.memory_gib()
+    eager_image, script_image = (ui.image(script, steps=args.steps, **size) for script in (False, True))
+    difference = abs(eager_image.astype(int) - script_image.astype(int))
+    row = {"bench": "speed", "checkpoint": args.checkpoint, "size": f"{size['width']}x{size['height']}",
+           "steps": args.steps, "eager s": eager_s, "eager it/s": eager_its, "script s": script_s,
+           "script it/s": script_its, "first script request s": first_s, "first request": outcome,
+           "eager memory GiB": eager_memory, "memory after script GiB": script_memory,
+           "image difference mean": float(difference.mean()), "image difference max": int(difference.max())}
+    print(f"\n| {args.checkpoint} {row['size']}, {args.steps} steps Euler a, batch 1 | eager | script | ratio |")
+    print("|---|---|---|---|")
+    print(f"| end to end, s | {eager_s:.2f} | {script_s:.2f} | {eager_s / script_s:.2f}x |")
+    print(f"| it/s | {eager_its:.2f} | {script_its:.2f} | {script_its / eager_its:.2f}x |")
+    print(f"| first script request: {outcome} | | {first_s:.1f} s | |")
+    for key in eager_memory:
+        print(f"| {key}, GiB | {eager_memory[key]:.2f} | {script_memory[key]:.2f} (max of both) | |")
+    print(f"| image vs eager's, same seed: mean / max abs difference of uint8 pixels | | "
+          f"{row['image difference mean']:.2f} / {row['image difference max']} | |")
+    return [row]
+
+
+def switch(ui: WebUI, args) -> list[dict]:
+    size = {"width": args.width or args.size, "height": args.size}
+    rows = []
+    for script in (False, True):
+        ui.select(args.checkpoint)
+        ui.txt2img(script, steps=4, **size)  # compiled and bound to the first checkpoint
+        steady, _ = ui.txt2img(script, steps=4, **size)
+        load = ui.select(args.to)
+        first, infotext = ui.txt2img(script, steps=4, **size)
+        outcome = require_script_ran(infotext) if script else "eager"
+        rows.append({"bench": "switch", "from": args.checkpoint, "to": args.to, "script": script, "load s": load,
+                     "first request after s": first, "steady request s": steady,
+                     "switch cost s": load + first - steady, "first request": outcome})
+    ui.select(args.checkpoint)
+    print(f"\n| switch {args.checkpoint} -> {args.to} | checkpoint load s | first 4-step image after s "
+          "| usual 4-step image s | switch cost s | graph |\n|---|---|---|---|---|---|")
+    for row in rows:
+        print(f"| {'script' if row['script'] else 'eager webui'} | {row['load s']:.2f} | "
+              f"{row['first request after s']:.2f} | {row['steady request s']:.2f} | {row['switch cost s']:.2f} "
+              f"| {row['first request']} |")
+    return rows
+
+
+def lora(ui: WebUI, args) -> list[dict]:
+    ui.select(args.checkpoint)
+    size = {"width": args.width or args.size, "height": args.size}
+    ui.txt2img(True, steps=4, **size)
+    rows = []
+    plan = [("no LoRA", ""), (f"{args.lora} at 1.0", f" <lora:{args.lora}:1>"),
+            (f"{args.lora} at 0.5", f" <lora:{args.lora}:0.5>"), ("removed", "")]
+    for label, tags in plan:
+        _, infotext = ui.txt2img(True, prompt=BASE["prompt"] + tags, steps=4, **size)
+        outcome = require_script_ran(infotext)
+        fuse = onediff_field(infotext, "OneDiff LoRA fuse")
+        seconds, its = steps_per_second(ui, args.repeat, True, args.steps, prompt=BASE["prompt"] + tags, **size)
+        rows.append({"bench": "lora", "step": label, "fuse": fuse, "graph": outcome, "it/s": its, "s": seconds})
+    print(f"\n| {args.checkpoint} {size['width']}x{size['height']}, LoRA {args.lora} | fuse | graph | it/s "
+          f"| {args.steps} steps s |\n|---|---|---|---|---|")
+    for row in rows:
+        print(f"| {row['step']} | {row['fuse']} | {row['graph']} | {row['it/s']:.2f} | {row['s']:.2f} |")
+    return rows
+
+
+def session(ui: WebUI, args) -> list[dict]:
+    with open(args.requests) as file:
+        plan = json.load(file)
+    rows = []
+    for number, request in enumerate(plan, 1):
+        ui.select(request["checkpoint"])
+        seconds, infotext = ui.txt2img(True, **request["payload"])
+        outcome = require_script_ran(infotext)
+        rows.append({"bench": "session", "request": number, "checkpoint": request["checkpoint"],
+                     "what": request.get("what", ""), "s": seconds, "graphs": outcome})
+    compiles = sum(len(re.findall(r"compiled in", row["graphs"])) for row in rows)
+    print("\n| # | checkpoint | request | s | OneDiff |\n|---|---|---|---|---|")
+    for row in rows:
+        print(f"| {row['request']} | {row['checkpoint']} | {row['what']} | {row['s']:.1f} | {row['graphs']} |")
+    print(f"\ncompiles over {len(rows)} requests: {compiles}")
+    return rows + [{"bench": "session", "compiles": compiles}]
+
+
+def first_image(ui: WebUI, args) -> list[dict]:
+    ui.select(args.checkpoint)
+    size = {"width": args.width or args.size, "height": args.size}
+    seconds, infotext = ui.txt2img(True, [False, args.cache or "None"], steps=args.steps, **size)
+    outcome = require_script_ran(infotext)
+    print(f"\n| first image after start ({args.checkpoint}, {args.steps} steps) | s | OneDiff |\n|---|---|---|\n"
+          f"| cache {args.cache or 'none'} | {seconds:.1f} | {outcome} |")
+    return [{"bench": "first-image", "checkpoint": args.checkpoint, "cache": args.cache, "s": seconds,
+             "graphs": outcome}]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--url", default="http://127.0.0.1:7860")
+    parser.add_argument("--json", default=None, help="append the rows to this JSON-lines file")
+    parser.add_argument("bench", choices=["speed", "switch", "lora", "session", "first-image"])
+    parser.add_argument("--checkpoint", help="checkpoint name as webui lists it (without extension)")
+    parser.add_argument("--to", help="switch: the checkpoint to switch to")
+    parser.add_argument("--size", type=int, default=512, help="image height (and width unless --width)")
+    parser.add_argument("--width", type=int, default=None)
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--cache", default="", help="a saved compiler cache to load with the script")
+    parser.add_argument("--save-cache", default="", help="speed: save what the first script request compiles as this")
+    parser.add_argument("--lora", help="lora: the LoRA's name in webui's Lora folder")
+    parser.add_argument("--requests", help="session: JSON file with the list of requests")
+    args = parser.parse_args()
+    ui = WebUI(args.url)
+    rows = {"speed": speed, "switch": switch, "lora": lora, "session": session, "first-image": first_image}[args.bench](ui, args)
+    if args.json:
+        with open(args.json, "a") as file:
+            file.writelines(json.dumps(row) + "\n" for row in rows)
+
+
+if __name__ == "__main__":
+    main()

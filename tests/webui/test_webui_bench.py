@@ -1,0 +1,33 @@
+"""``bench/webui_bench.py`` against the real webui on tiny models: each benchmark prints its table and its checks hold
+(the script ran compiled, a same-architecture switch compiles nothing). Timings on the CPU mean nothing; only the H100
+numbers in README.md do."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from webui_harness import REPO_ROOT
+
+BENCH = REPO_ROOT / "bench" / "webui_bench.py"
+
+
+def run_bench(webui, tmp_path, *args) -> tuple[str, list[dict]]:
+    rows = tmp_path / "rows.jsonl"
+    r = subprocess.run([sys.executable, str(BENCH), "--url", webui.base_url, "--json", str(rows), *args,
+                        "--size", "64", "--steps", "3", "--repeat", "1"], capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, f"webui_bench {args} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+    return r.stdout, [json.loads(line) for line in rows.read_text().splitlines()]
+
+
+def test_speed_and_switch_tables(sd15, tmp_path):
+    out, (row,) = run_bench(sd15, tmp_path, "speed", "--checkpoint", "tiny-sd15-a")
+    assert "| it/s |" in out and "| end to end, s |" in out, out
+    assert row["eager it/s"] > 0 and row["script it/s"] > 0
+    assert row["image difference mean"] <= 1.0, row  # the same tolerance as the other webui tests
+
+    out, rows = run_bench(sd15, tmp_path, "switch", "--checkpoint", "tiny-sd15-a", "--to", "tiny-sd15-b")
+    assert "| switch tiny-sd15-a -> tiny-sd15-b |" in out, out
+    script_row = [row for row in rows if row.get("script")][-1]
+    assert script_row["first request"] == "reused", script_row
+    assert sd15.current_checkpoint().startswith("tiny-sd15-a")

@@ -31,3 +31,23 @@ def test_speed_and_switch_tables(sd15, tmp_path):
     script_row = [row for row in rows if row.get("script")][-1]
     assert script_row["first request"] == "reused", script_row
     assert sd15.current_checkpoint().startswith("tiny-sd15-a")
+
+
+def test_session_counts_compiles(sd15, tmp_path):
+    """A switch reuses the graph, a hires fix second pass at a new size compiles once, and the bench counts it."""
+    small = {"width": 64, "height": 64, "steps": 3}
+    hires = {**small, "enable_hr": True, "hr_scale": 1.5, "hr_upscaler": "Latent", "denoising_strength": 0.6,
+             "hr_second_pass_steps": 2}
+    plan = [{"checkpoint": "tiny-sd15-a", "what": "first", "payload": small},
+            {"checkpoint": "tiny-sd15-b", "what": "switch", "payload": small},
+            {"checkpoint": "tiny-sd15-a", "what": "hires", "payload": hires},
+            {"checkpoint": "tiny-sd15-a", "what": "hires again", "payload": hires}]
+    requests_file = tmp_path / "session.json"
+    requests_file.write_text(json.dumps(plan))
+    sd15.post("/sdapi/v1/txt2img", json={"prompt": "warm", "width": 64, "height": 64, "steps": 3,
+                                        "script_name": "onediff_diffusion_model", "script_args": []})
+    out, rows = run_bench(sd15, tmp_path, "session", "--requests", str(requests_file))
+    graphs = [row["graphs"] for row in rows if "request" in row]
+    assert graphs[1] == "reused" and graphs[3] == "reused", graphs
+    assert graphs[2].count("compiled in") == 1, graphs
+    assert rows[-1]["compiles"] == 1 and "compiles over 4 requests: 1" in out, out

@@ -16,7 +16,8 @@ Each prints a markdown table and appends its rows to ``--json``. Only the standa
   memory as webui's ``/sdapi/v1/memory`` reports it (torch's allocator, since webui started): eager runs first, so the
   peak after the script's runs is the higher of the two. Last, one image each way, same seed, compared pixel by pixel.
 - ``switch``: seconds webui takes to load another checkpoint (``sd_model_checkpoint``), eager webui against the script,
-  where the switch also includes the first image after it (rebinding the compiled graph, 0 compiles expected).
+  where the switch also includes the first image after it (rebinding the compiled graph, 0 compiles expected). Both
+  checkpoints are loaded once before, so webui's hashing of a checkpoint's first load counts in neither.
 - ``lora``: the ``OneDiff LoRA fuse`` time of each LoRA change and it/s with and without the LoRA.
 - ``session``: a list of requests (``[{"checkpoint": ..., "payload": {...}}, ...]``) run with the script; counts what
   each did (``OneDiff: compiled / reused / loaded``) from the infotext.
@@ -154,6 +155,7 @@ def speed(ui: WebUI, args) -> list[dict]:
 
 def switch(ui: WebUI, args) -> list[dict]:
     size = {"width": args.width or args.size, "height": args.size}
+    ui.select(args.to)  # webui hashes a checkpoint on its first load: keep that out of both measurements
     rows = []
     for script in (False, True):
         ui.select(args.checkpoint)

@@ -142,6 +142,7 @@ def _check_sane(model, is_sdxl: bool) -> dict:
                     "original_size_as_tuple": torch.tensor([[64, 64]]),
                     "crop_coords_top_left": torch.tensor([[0, 0]]),
                     "target_size_as_tuple": torch.tensor([[64, 64]]),
+                    "aesthetic_score": torch.tensor([[6.0]]),  # the refiner's conditioner needs it; the base ignores it
                 }
                 c = model.conditioner(batch)
                 out = model.model.diffusion_model(x, t, context=c["crossattn"], y=c["vector"])
@@ -167,8 +168,9 @@ def _check_sane(model, is_sdxl: bool) -> dict:
     return {"prompt_rel_diff": rel, "unet_out_std": outs[0].std().item(), "vae_out_std": img.std().item()}
 
 
-def build_checkpoint(config_path, out_path, seed: int, webui_path=None, check: bool = True) -> Path:
-    """Instantiate the model of ``config_path`` with random weights (seeded) and save it.
+def build_checkpoint(config_path, out_path, seed: int, webui_path=None, check: bool = True, half: bool = False) -> Path:
+    """Instantiate the model of ``config_path`` with random weights (seeded) and save it (``half``: as float16, which
+    halves the file of a full-size model; webui casts to its own dtype on load either way).
 
     Writes ``out_path`` (``<name>.safetensors``) and ``<name>.yaml`` (a copy of the config) beside it.
     Returns the path of the safetensors file.
@@ -195,7 +197,8 @@ def build_checkpoint(config_path, out_path, seed: int, webui_path=None, check: b
     if check:
         _last_check[out_path] = _check_sane(model, is_sdxl)
 
-    state_dict = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+    state_dict = {k: (v.half() if half and v.is_floating_point() else v).detach().contiguous().clone()
+                  for k, v in model.state_dict().items()}
     save_file(state_dict, str(out_path))
     shutil.copyfile(config_path, out_path.with_suffix(".yaml"))
     return out_path
@@ -260,8 +263,9 @@ def build_lora(config_path, out_path, seed: int, rank: int = 4, strength: float 
                parts=("unet",), kind: str = "lora") -> Path:
     """Write a random kohya-style LoRA for a config's model; ``parts``: any of "unet", "te".
 
-    "unet": the UNet attention Linear layers, keys ``lora_unet_`` + compvis module path with ``_``, which webui's builtin
-    Lora extension maps by replacing ``lora_unet`` with ``diffusion_model``. "te": the Linear layers of the CLIP text
+    "unet": the Linear layers of the UNet's transformers (attention, feed-forward, projections), keys ``lora_unet_`` +
+    compvis module path with ``_``, which webui's builtin Lora extension maps by replacing ``lora_unet`` with
+    ``diffusion_model``. "te": the Linear layers of the CLIP text
     encoder's transformer layers, keys ``lora_te_text_model_encoder_layers_*`` (SD1.x) or ``lora_te1_...`` (SDXL, first
     text encoder). ``kind``: one of ``NETWORK_KINDS``. The file goes to ``<name>.safetensors`` (put it in models/Lora).
     """
@@ -280,8 +284,9 @@ def build_lora(config_path, out_path, seed: int, rank: int = 4, strength: float 
         for name, m in unet.named_modules():
             if kind == "norm":
                 wanted = isinstance(m, torch.nn.LayerNorm) and ".transformer_blocks." in name
-            else:
-                wanted = isinstance(m, torch.nn.Linear) and (".attn1." in name or ".attn2." in name)
+            else:  # the layers kohya's LoRA trains: every Linear of the transformer blocks, and their projections
+                wanted = isinstance(m, torch.nn.Linear) and (".transformer_blocks." in name
+                                                              or name.endswith(("proj_in", "proj_out")))
             if wanted:
                 _network_weights(sd, "lora_unet_" + name.replace(".", "_"), m, kind, rank, strength, gen)
     if "te" in parts:
@@ -325,11 +330,13 @@ def main(argv=None):
     ap.add_argument("--config", default=None, help="build one checkpoint from this config instead of the default set")
     ap.add_argument("--name", default=None, help="checkpoint name for --config")
     ap.add_argument("--seed", type=int, default=0, help="seed for --config")
+    ap.add_argument("--half", action="store_true", help="save --config's checkpoint as float16 (full-size models)")
     ap.add_argument("--lora-dir", default=None, help="also write the default tiny LoRAs here (e.g. <data-dir>/models/Lora)")
     args = ap.parse_args(argv)
     if args.config:
         name = args.name or Path(args.config).stem
-        paths = {name: build_checkpoint(args.config, Path(args.out_dir) / f"{name}.safetensors", args.seed, args.webui)}
+        paths = {name: build_checkpoint(args.config, Path(args.out_dir) / f"{name}.safetensors", args.seed, args.webui,
+                                        half=args.half)}
     else:
         paths = build_default_checkpoints(args.out_dir, args.webui)
     if args.lora_dir:

@@ -13,4 +13,4 @@ PYTHON=${PYTHON:-python3}
 "$PYTHON" bench/sampler_bench.py --tiny --device cpu --steps 4
 # --rootdir=tests: the extension folder has an __init__.py, and pytest would otherwise import it as a package and put
 # the folder *above* the checkout first on sys.path, where any stray module there shadows real ones.
-exec "$PYTHON" -m pytest tests -q -p no:cacheprovider --rootdir=tests "$@"
+exec "$PYTHON" -m pytest tests -q -rs -p no:cacheprovider --rootdir=tests "$@"

@@ -6,8 +6,8 @@ webui's builtin Lora extension applies networks (``compile/layers.py``). So the 
 which back up each original weight once and restore it bit-exactly before fusing a new set, or none.
 
 Where the time goes: a change of LoRA restores every touched weight from its host backup (for SDXL about 2.5 GB) and
-adds the new deltas. Backups in pageable memory cost a blocking copy per layer; ``pinned_copies`` keeps them in one
-page-locked buffer, so the copies run at full bus speed and queue without waiting on the host.
+adds the new deltas. Backups in pageable memory cost a blocking copy per layer; ``pinned_copies`` keeps them in a few
+page-locked buffers, so the copies run at full bus speed and queue without waiting on the host.
 """
 from __future__ import annotations
 
@@ -58,20 +58,26 @@ class FusedLoras:
         return self.seconds[-1]
 
 
-def pinned_copies(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """Host copies of ``tensors``, all in one page-locked buffer, copied without waiting (order them by the stream).
+def pinned_copies(tensors: Sequence[torch.Tensor], buffer_bytes: int = 1 << 28) -> list[torch.Tensor]:
+    """Host copies of ``tensors``, packed into page-locked buffers of up to ``buffer_bytes``, copied without waiting
+    (order them by the stream).
 
-    One buffer because page-locking is slow per allocation (hundreds of layers); page-locked because only such memory
-    copies to and from the GPU asynchronously and at full bus speed. Without CUDA the copies are plain host tensors."""
+    Page-locked because only such memory copies to and from the GPU asynchronously and at full bus speed. Few buffers
+    because page-locking is slow per allocation (hundreds of layers). Buffers of a power-of-two size because torch's
+    pinned allocator rounds every request up to one: one 5 GiB buffer for SDXL would lock 8 GiB of host memory. A
+    tensor larger than ``buffer_bytes`` gets a buffer of its own. Without CUDA the copies are plain host tensors."""
     pin = torch.cuda.is_available()
-    offsets, total = [], 0
+    places, buffer_sizes = [], []  # (buffer, offset) per tensor; bytes used per buffer
     for tensor in tensors:
-        offsets.append(total)
-        total += -(-tensor.numel() * tensor.element_size() // 64) * 64  # keep every view 64-byte aligned
-    buffer = torch.empty(total, dtype=torch.uint8, pin_memory=pin)
+        size = -(-tensor.numel() * tensor.element_size() // 64) * 64  # keep every view 64-byte aligned
+        if not buffer_sizes or buffer_sizes[-1] + size > buffer_bytes:
+            buffer_sizes.append(0)
+        places.append((len(buffer_sizes) - 1, buffer_sizes[-1]))
+        buffer_sizes[-1] += size
+    buffers = [torch.empty(size, dtype=torch.uint8, pin_memory=pin) for size in buffer_sizes]
     copies = []
-    for tensor, offset in zip(tensors, offsets):
+    for tensor, (index, offset) in zip(tensors, places):
         size = tensor.numel() * tensor.element_size()
-        copy = buffer[offset:offset + size].view(tensor.dtype).view(tensor.shape)
+        copy = buffers[index][offset:offset + size].view(tensor.dtype).view(tensor.shape)
         copies.append(copy.copy_(tensor, non_blocking=pin))
     return copies

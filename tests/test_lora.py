@@ -59,11 +59,15 @@ def test_sync_is_a_no_op_while_nothing_changes():
     assert fused.sync(("new",)) is None and calls == [layer]
 
 
-def test_pinned_copies_are_exact_views_of_one_buffer():
-    tensors = [torch.randn(3, 5), torch.randn(7, dtype=torch.float64), torch.randn(2, 3, 3, 3).to(memory_format=torch.channels_last)]
-    copies = pinned_copies(tensors)
+def test_pinned_copies_are_exact_copies_packed_into_few_buffers():
+    tensors = [torch.randn(3, 5), torch.randn(7, dtype=torch.float64), torch.randn(2, 3, 3, 3).to(memory_format=torch.channels_last),
+               torch.randn(100)]
+    copies = pinned_copies(tensors, buffer_bytes=256)
     assert all(torch.equal(copy, tensor) and copy.dtype == tensor.dtype for copy, tensor in zip(copies, tensors))
-    assert len({copy.untyped_storage().data_ptr() for copy in copies}) == 1, "one buffer for all backups"
+    buffers = [copy.untyped_storage().data_ptr() for copy in copies]
+    assert buffers[0] == buffers[1] != buffers[2], "packed up to 256 bytes (64-byte aligned) per buffer"
+    assert buffers[3] not in buffers[:3], "a tensor larger than a buffer gets its own"
+    assert all(copy.untyped_storage().nbytes() <= 256 for copy in copies[:3])
     tensors[0].add_(1)
     assert not torch.equal(copies[0], tensors[0]), "copies, not views of the originals"
 

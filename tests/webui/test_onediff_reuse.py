@@ -249,6 +249,25 @@ def test_sdxl_and_back_reuses_the_sd15_graph(ui, sums, sd15_a):
     assert_close(images, sd15_a["eager"], "tiny-sd15-a after tiny-sdxl")
 
 
+def test_checkpoints_loaded_side_by_side_each_run_their_own_weights(ui, sums, sd15_a):
+    """With "Maximum number of checkpoints loaded at the same time" at 2, webui builds a second model object for B and
+    keeps A's: the compiled graph is bound to whichever object webui samples with, without recompiling, and never runs
+    the other object's weights."""
+    ui.set_options(sd_checkpoints_limit=2)
+    try:
+        for name in ("tiny-sd15-b", "tiny-sd15-a", "tiny-sd15-b"):
+            ui.select_checkpoint(name)
+            reference = eager(ui)
+            images, texts, steps = request(ui, ARGS)
+            assert_outcome(texts, "reused", f"{name}, two checkpoints loaded")
+            assert_compiled_steps(steps, sums, f"{name}, two checkpoints loaded")
+            assert_close(images, reference, f"{name}, two checkpoints loaded")
+        assert "out of 2" in ui.log_text(), "webui did not load a second model object"
+    finally:
+        ui.set_options(sd_checkpoints_limit=1)
+        ui.select_checkpoint("tiny-sd15-a")
+
+
 SHAPES = {
     # name: (payload, outcome of the first scripted request)
     "72x128 (720x1280 scaled down)": ({"width": 72, "height": 128}, "compiled"),

@@ -5,8 +5,8 @@ webui's builtin Lora extension applies networks (``compile/layers.py``). So the 
 ``FusedLoras`` keeps them in step with webui's active set, using webui's own functions (passed in, nothing imported),
 which back up each original weight once and restore it bit-exactly before fusing a new set, or none.
 
-Where the time goes: a change of LoRA restores every touched weight from its host backup (for SDXL about 2.5 GB) and
-adds the new deltas. Backups in pageable memory cost a blocking copy per layer; ``pinned_copies`` keeps them in a few
+Where the time goes: a change of LoRA restores the weights of every layer webui patches from their host backups (for
+SDXL 5.1 GB: webui backs up each patched layer, not only those a network touches) and adds the new deltas. Backups in pageable memory cost a blocking copy per layer; ``pinned_copies`` keeps them in a few
 page-locked buffers, so the copies run at full bus speed and queue without waiting on the host.
 """
 from __future__ import annotations

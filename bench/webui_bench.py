@@ -91,16 +91,18 @@ class WebUI:
                 "device used": cuda["system"]["used"] / gib}
 
 
-def onediff_field(infotext: str, key: str = "OneDiff") -> str:
+def infotext_field(infotext: str, key: str = "OneDiff") -> str | None:
+    """The value of ``key`` in an infotext's parameter line, its last (webui quotes values holding ',' or ':'), or
+    None. The webui tests read the infotext with it too."""
     match = re.search(rf'(?:^|, ){re.escape(key)}: ("(?:[^"\\]|\\.)*"|[^,\n]*)', infotext.splitlines()[-1])
     if match is None:
-        return "not in infotext"
+        return None
     value = match.group(1)
     return json.loads(value) if value.startswith('"') else value
 
 
 def require_script_ran(infotext: str) -> str:
-    outcome = onediff_field(infotext)
+    outcome = infotext_field(infotext) or "not in infotext"
     if outcome.startswith(("eager", "not used", "not in")):
         raise SystemExit(f"the script did not run compiled: OneDiff: {outcome}\n{infotext}")
     return outcome
@@ -124,9 +126,13 @@ def steps_per_second(ui: WebUI, repeat: int, script: bool, steps: int, **payload
     return full, (steps - few) / max(full - short, 1e-9)
 
 
+def image_size(args) -> dict:
+    return {"width": args.width or args.size, "height": args.size}
+
+
 def speed(ui: WebUI, args) -> list[dict]:
     ui.select(args.checkpoint)
-    size = {"width": args.width or args.size, "height": args.size}
+    size = image_size(args)
     ui.txt2img(False, steps=4, **size)  # warm-up: cuDNN/cuBLAS choices, allocator
     eager_s, eager_its = steps_per_second(ui, args.repeat, False, args.steps, **size)
     eager_memory = ui.memory_gib()
@@ -154,7 +160,7 @@ def speed(ui: WebUI, args) -> list[dict]:
 
 
 def switch(ui: WebUI, args) -> list[dict]:
-    size = {"width": args.width or args.size, "height": args.size}
+    size = image_size(args)
     ui.select(args.to)  # webui hashes a checkpoint on its first load: keep that out of both measurements
     rows = []
     for script in (False, True):
@@ -179,7 +185,7 @@ def switch(ui: WebUI, args) -> list[dict]:
 
 def lora(ui: WebUI, args) -> list[dict]:
     ui.select(args.checkpoint)
-    size = {"width": args.width or args.size, "height": args.size}
+    size = image_size(args)
     ui.txt2img(True, steps=4, **size)
     rows = []
     plan = [("no LoRA", ""), (f"{args.lora} at 1.0", f" <lora:{args.lora}:1>"),
@@ -187,7 +193,7 @@ def lora(ui: WebUI, args) -> list[dict]:
     for label, tags in plan:
         _, infotext = ui.txt2img(True, prompt=BASE["prompt"] + tags, steps=4, **size)
         outcome = require_script_ran(infotext)
-        fuse = onediff_field(infotext, "OneDiff LoRA fuse")
+        fuse = infotext_field(infotext, "OneDiff LoRA fuse") or "not in infotext"
         seconds, its = steps_per_second(ui, args.repeat, True, args.steps, prompt=BASE["prompt"] + tags, **size)
         rows.append({"bench": "lora", "step": label, "fuse": fuse, "graph": outcome, "it/s": its, "s": seconds})
     print(f"\n| {args.checkpoint} {size['width']}x{size['height']}, LoRA {args.lora} | fuse | graph | it/s "
@@ -217,7 +223,7 @@ def session(ui: WebUI, args) -> list[dict]:
 
 def first_image(ui: WebUI, args) -> list[dict]:
     ui.select(args.checkpoint)
-    size = {"width": args.width or args.size, "height": args.size}
+    size = image_size(args)
     seconds, infotext = ui.txt2img(True, [False, args.cache or "None"], steps=args.steps, **size)
     outcome = require_script_ran(infotext)
     print(f"\n| first image after start ({args.checkpoint}, {args.steps} steps) | s | OneDiff |\n|---|---|---|\n"

@@ -271,13 +271,14 @@ def back_up_in_pinned_memory(layers) -> None:
     (``network_weights_backup``, ``network_bias_backup``), made here for all layers at once in page-locked memory;
     backups webui already made in pageable memory (eager generations) are moved there too. Webui uses them unchanged."""
     backups = []  # (layer, attribute, tensor to copy)
+    pinning = torch.cuda.is_available()
     for layer in layers:
         unfused = getattr(layer, "network_current_names", ()) == ()
         for attribute, tensor in (("network_weights_backup", layer.weight), ("network_bias_backup", layer.bias)):
             backup = getattr(layer, attribute, None)
             if backup is None and unfused and tensor is not None:
                 backups.append((layer, attribute, tensor))
-            elif isinstance(backup, torch.Tensor) and torch.cuda.is_available() and not backup.is_pinned():
+            elif isinstance(backup, torch.Tensor) and pinning and not backup.is_pinned():
                 backups.append((layer, attribute, backup))
     for (layer, attribute, _), copy in zip(backups, pinned_copies([tensor.detach() for *_, tensor in backups])):
         setattr(layer, attribute, copy)

@@ -16,13 +16,11 @@ import pytest
 
 np = pytest.importorskip("numpy")
 
-from webui_harness import HERE  # noqa: E402
+from sd_webui_onediff.bench.webui_bench import infotext_field as field  # noqa: E402
+from webui_harness import HERE, assert_close, assert_differs, difference  # noqa: E402
 
 SCRIPT = {"script_name": "onediff_diffusion_model", "script_args": [False, "None", "", False]}
 PROMPT = "a photo of a cat"
-MEAN_TOLERANCE, MAX_TOLERANCE = 1.0, 8
-CLEARLY_DIFFERENT = 3.0
-"""Mean absolute uint8 difference above which two images are not the same image."""
 
 OTHER_KINDS = ("loha", "lokr", "ia3", "full", "oft", "norm")
 """Network types besides plain LoRA (checkpoints.NETWORK_KINDS), each a UNet-only file for tiny SD1.5."""
@@ -67,29 +65,6 @@ def generate(ui, prompt: str, script: bool, **payload):
     return image, json.loads(data["info"])["infotexts"][0]
 
 
-def field(infotext: str, key: str) -> str | None:
-    """The value of ``key`` in the infotext's parameter line (webui quotes values holding ',' or ':')."""
-    match = re.search(rf'(?:^|, ){re.escape(key)}: ("(?:[^"\\]|\\.)*"|[^,\n]*)', infotext.splitlines()[-1])
-    if match is None:
-        return None
-    value = match.group(1)
-    return json.loads(value) if value.startswith('"') else value
-
-
-def difference(a, b) -> tuple[float, int]:
-    d = np.abs(a.astype(np.int16) - b.astype(np.int16))
-    return float(d.mean()), int(d.max())
-
-
-def assert_matches_eager(compiled, eager, what: str) -> None:
-    mean, largest = difference(compiled, eager)
-    assert mean <= MEAN_TOLERANCE and largest <= MAX_TOLERANCE, \
-        f"{what}: compiled differs from eager webui: mean {mean:.3f} (<= {MEAN_TOLERANCE}), max {largest} (<= {MAX_TOLERANCE})"
-
-
-def assert_differs(a, b, what: str) -> None:
-    mean, _ = difference(a, b)
-    assert mean > CLEARLY_DIFFERENT, f"{what}: mean difference only {mean:.3f} (want > {CLEARLY_DIFFERENT})"
 
 
 def assert_onediff_ran(infotext: str, what: str, reused: bool = False) -> None:
@@ -107,14 +82,14 @@ def test_lora_kinds_match_eager(webui, loras, checkpoint, family):
     plain, info = generate(webui, PROMPT, script=True)
     assert_onediff_ran(info, "no LoRA")
     plain_eager, _ = generate(webui, PROMPT, script=False)
-    assert_matches_eager(plain, plain_eager, "no LoRA")
+    assert_close(plain, plain_eager, "no LoRA")
     for kind in ("unet", "te", "both"):
         prompt = f"{PROMPT} <lora:odl-{family}-{kind}:1>"
         compiled, info = generate(webui, prompt, script=True)
         assert_onediff_ran(info, kind, reused=True)
         assert "odl-" in (field(info, "Lora hashes") or ""), info
         eager, _ = generate(webui, prompt, script=False)
-        assert_matches_eager(compiled, eager, f"{checkpoint} {kind} LoRA")
+        assert_close(compiled, eager, f"{checkpoint} {kind} LoRA")
         assert_differs(compiled, plain, f"{checkpoint} {kind} LoRA vs no LoRA")
 
 
@@ -128,7 +103,7 @@ def test_network_kinds_match_eager(sd15, loras, kind):
     compiled, info = generate(sd15, prompt, script=True)
     assert_onediff_ran(info, kind, reused=True)
     eager, _ = generate(sd15, prompt, script=False)
-    assert_matches_eager(compiled, eager, f"{kind} network")
+    assert_close(compiled, eager, f"{kind} network")
     assert_differs(compiled, plain, f"{kind} network vs none")
     again, _ = generate(sd15, PROMPT, script=True)
     assert np.array_equal(again, plain), f"{kind} not removed exactly: {difference(again, plain)}"
@@ -153,7 +128,7 @@ def test_lora_sequence_fuses_in_place_without_recompiling(sd15, loras):
         assert_onediff_ran(info, step, reused=True)
         assert re.fullmatch(r"\d+ ms", field(info, "OneDiff LoRA fuse") or ""), f"{step}: no LoRA fuse time\n{info}"
         eager, _ = generate(sd15, prompt, script=False)
-        assert_matches_eager(compiled, eager, step)
+        assert_close(compiled, eager, step)
         images[step] = compiled
     assert np.array_equal(images["none"], before), \
         f"after removing every LoRA the image differs from before any LoRA: {difference(images['none'], before)}"
@@ -173,7 +148,7 @@ def test_checkpoint_switch_keeps_lora(sd15, loras):
         assert "Model: tiny-sd15-b" in info, info
         assert_onediff_ran(info, "checkpoint B", reused=True)
         eager_b, _ = generate(sd15, prompt, script=False)
-        assert_matches_eager(on_b, eager_b, "checkpoint B with LoRA")
+        assert_close(on_b, eager_b, "checkpoint B with LoRA")
         assert_differs(on_b, on_a, "checkpoint B vs A, same LoRA")
     finally:
         sd15.select_checkpoint("tiny-sd15-a")

@@ -27,12 +27,11 @@ import pytest
 
 np = pytest.importorskip("numpy")
 
-from webui_harness import HERE  # noqa: E402
+from sd_webui_onediff.bench.webui_bench import infotext_field as field  # noqa: E402
+from webui_harness import CLEARLY_DIFFERENT, HERE, assert_close, difference  # noqa: E402
 
 SCRIPT = "onediff_diffusion_model"
 ARGS = [False, "None", "", False]
-MEAN_LIMIT, MAX_LIMIT = 1.0, 8
-CLEARLY_DIFFERENT = 3.0
 REFINER = "tiny-sdxl-refiner"
 REFINER_SEED = 4  # tiny-sdxl has seed 3
 PROBE = "reuse_probe"
@@ -82,13 +81,6 @@ script_callbacks.on_app_started(on_app_started, name="reuse probe")
 
 
 # ----- helpers --------------------------------------------------------------------------------------------------------
-def field(text: str, key: str = "OneDiff") -> str | None:
-    """The value of ``key`` in an infotext's parameter line (webui quotes values holding ',' or ':'), or None."""
-    match = re.search(rf'(?:^|, ){re.escape(key)}: ("(?:\\.|[^"\\])*"|[^,\n]*)', text.splitlines()[-1])
-    if match is None:
-        return None
-    value = match.group(1)
-    return json.loads(value) if value.startswith('"') else value
 
 
 def request(ui, script_args=None, **payload):
@@ -110,19 +102,10 @@ def eager(ui, **payload):
     return images
 
 
-def difference(a, b) -> tuple[float, int]:
-    assert a.shape == b.shape, f"shape {a.shape} != {b.shape}"
-    d = np.abs(a.astype(np.int16) - b.astype(np.int16))
-    return float(d.mean()), int(d.max())
-
-
-def assert_close(images, references, what: str):
+def assert_all_close(images, references, what: str):
     assert len(images) == len(references), f"{what}: {len(images)} images, eager made {len(references)}"
     for i, (image, reference) in enumerate(zip(images, references)):
-        mean, largest = difference(image, reference)
-        assert mean <= MEAN_LIMIT and largest <= MAX_LIMIT, (
-            f"{what}, image {i}: compiled vs eager mean |diff| {mean:.3f} (limit {MEAN_LIMIT}), max {largest} (limit {MAX_LIMIT})"
-        )
+        assert_close(image, reference, f"{what}, image {i}")
 
 
 def outcomes(texts) -> set:
@@ -217,7 +200,7 @@ def on_a(ui, sd15_a):
 def test_same_architecture_switch_reuses_graph(ui, sums, sd15_a):
     assert_outcome(sd15_a["texts"], "compiled", "first tiny-sd15-a request")
     assert_compiled_steps(sd15_a["steps"], sums, "tiny-sd15-a")
-    assert_close(sd15_a["images"], sd15_a["eager"], "tiny-sd15-a")
+    assert_all_close(sd15_a["images"], sd15_a["eager"], "tiny-sd15-a")
 
     ui.select_checkpoint("tiny-sd15-b")
     try:
@@ -227,7 +210,7 @@ def test_same_architecture_switch_reuses_graph(ui, sums, sd15_a):
         assert_outcome(texts, "reused", "tiny-sd15-b after tiny-sd15-a")
         assert_compiled_steps(steps, sums, "tiny-sd15-b")
         assert {s["checkpoint"] for s in steps} == {"tiny-sd15-b"}, steps
-        assert_close(images, reference, "tiny-sd15-b")
+        assert_all_close(images, reference, "tiny-sd15-b")
         mean, _ = difference(images[0], sd15_a["images"][0])
         assert mean > CLEARLY_DIFFERENT, f"tiny-sd15-b's image is A's (mean diff {mean:.3f}): stale weights"
     finally:
@@ -240,13 +223,13 @@ def test_sdxl_and_back_reuses_the_sd15_graph(ui, sums, sd15_a):
     images, texts, steps = request(ui, ARGS)
     assert_outcome(texts, "either", "tiny-sdxl")
     assert_compiled_steps(steps, sums, "tiny-sdxl")
-    assert_close(images, reference, "tiny-sdxl")
+    assert_all_close(images, reference, "tiny-sdxl")
 
     ui.select_checkpoint("tiny-sd15-a")
     images, texts, steps = request(ui, ARGS)
     assert_outcome(texts, "reused", "tiny-sd15-a after tiny-sdxl")
     assert_compiled_steps(steps, sums, "tiny-sd15-a after tiny-sdxl")
-    assert_close(images, sd15_a["eager"], "tiny-sd15-a after tiny-sdxl")
+    assert_all_close(images, sd15_a["eager"], "tiny-sd15-a after tiny-sdxl")
 
 
 def test_checkpoints_loaded_side_by_side_each_run_their_own_weights(ui, sums, sd15_a):
@@ -261,7 +244,7 @@ def test_checkpoints_loaded_side_by_side_each_run_their_own_weights(ui, sums, sd
             images, texts, steps = request(ui, ARGS)
             assert_outcome(texts, "reused", f"{name}, two checkpoints loaded")
             assert_compiled_steps(steps, sums, f"{name}, two checkpoints loaded")
-            assert_close(images, reference, f"{name}, two checkpoints loaded")
+            assert_all_close(images, reference, f"{name}, two checkpoints loaded")
         assert "out of 2" in ui.log_text(), "webui did not load a second model object"
     finally:
         ui.set_options(sd_checkpoints_limit=1)
@@ -285,13 +268,13 @@ def test_new_shape_compiles_once_and_equals_eager(on_a, sums, name):
     images, texts, steps = request(on_a, ARGS, **payload)
     assert_outcome(texts, first, f"{name}, first")
     assert_compiled_steps(steps, sums, name)
-    assert_close(images, reference, name)
+    assert_all_close(images, reference, name)
     if name == "prompt over 75 tokens":
         assert {s["context"] for s in steps} >= {154}, f"the prompt did not reach 154 tokens: {steps}"
     again, texts, steps = request(on_a, ARGS, **payload)
     assert_outcome(texts, "reused", f"{name}, repeated")
     assert_compiled_steps(steps, sums, f"{name}, repeated")
-    assert_close(again, reference, f"{name}, repeated")
+    assert_all_close(again, reference, f"{name}, repeated")
 
 
 @pytest.mark.parametrize("form", ["payload", "override_settings"])
@@ -308,7 +291,7 @@ def test_negative_guidance_minimum_sigma(on_a, sums, form):
     assert field(texts[0], "NGMS") == "5.0", texts[0]
     assert_outcome(texts, "either", f"NGMS via {form}")
     assert_compiled_steps(steps, sums, f"NGMS via {form}")
-    assert_close(images, reference, f"NGMS via {form}")
+    assert_all_close(images, reference, f"NGMS via {form}")
     assert_outcome(again, "reused", f"NGMS via {form}, repeated")
 
 
@@ -322,11 +305,11 @@ def test_hires_fix_compiles_both_passes(on_a, sums):
     assert_outcome(texts, "compiled", "hires fix, first")  # the second pass's 128x128 is new
     assert {tuple(s["x"][2:]) for s in steps} == {(8, 8), (16, 16)}, steps
     assert_compiled_steps(steps, sums, "hires fix")
-    assert_close(images, reference, "hires fix")
+    assert_all_close(images, reference, "hires fix")
     again, texts, steps = request(on_a, ARGS, **HIRES)
     assert_outcome(texts, "reused", "hires fix, repeated")
     assert_compiled_steps(steps, sums, "hires fix, repeated")
-    assert_close(again, reference, "hires fix, repeated")
+    assert_all_close(again, reference, "hires fix, repeated")
 
 
 REFINED = {"refiner_checkpoint": REFINER, "refiner_switch_at": 0.5}
@@ -348,8 +331,8 @@ def test_refiner_switches_reuse_the_graph(ui, sums):
             f"{what}: checkpoints per step {order}"
         )
         assert_compiled_steps(steps, sums, what)
-        assert_close(images, reference, what)
-    assert_close(eager(ui, **REFINED), reference, "eager after the scripted refiner runs")
+        assert_all_close(images, reference, what)
+    assert_all_close(eager(ui, **REFINED), reference, "eager after the scripted refiner runs")
 
 
 def test_always_recompile_compiles_a_known_shape(on_a, sums, sd15_a):
@@ -358,4 +341,4 @@ def test_always_recompile_compiles_a_known_shape(on_a, sums, sd15_a):
     images, texts, steps = request(on_a, [False, "None", "", True])
     assert_outcome(texts, "compiled", "always_recompile")
     assert_compiled_steps(steps, sums, "always_recompile")
-    assert_close(images, sd15_a["eager"], "always_recompile")
+    assert_all_close(images, sd15_a["eager"], "always_recompile")

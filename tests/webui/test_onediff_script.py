@@ -28,10 +28,11 @@ import pytest
 
 np = pytest.importorskip("numpy")
 
+from sd_webui_onediff.bench.webui_bench import infotext_field as field  # noqa: E402
+from webui_harness import assert_close  # noqa: E402
+
 SCRIPT = "onediff_diffusion_model"
 DEFAULT_ARGS = [False, "None", "", False]
-MEAN_LIMIT = 1.0
-MAX_LIMIT = 8
 
 
 # ----- helpers --------------------------------------------------------------------------------------------------------
@@ -39,13 +40,6 @@ def infotext(data: dict) -> str:
     return json.loads(data["info"])["infotexts"][0]
 
 
-def field(text: str, key: str = "OneDiff") -> str | None:
-    """The value of ``key`` in an infotext (webui quotes values that hold ',' or ':'), or None."""
-    match = re.search(rf'(?:^|, ){re.escape(key)}: ("(?:\\.|[^"\\])*"|[^,\n]*)', text)
-    if match is None:
-        return None
-    value = match.group(1)
-    return json.loads(value) if value.startswith('"') else value
 
 
 def onediff(text: str) -> str:
@@ -56,14 +50,6 @@ def compile_seconds(value: str) -> float:
     match = re.search(r"compiled in ([0-9.]+) s", value or "")
     assert match, f"no compile time in {value!r}"
     return float(match.group(1))
-
-
-def assert_close(image, reference, what: str):
-    assert image.shape == reference.shape, f"{what}: shape {image.shape} != {reference.shape}"
-    diff = np.abs(image.astype(np.int16) - reference.astype(np.int16))
-    assert diff.mean() <= MEAN_LIMIT and diff.max() <= MAX_LIMIT, (
-        f"{what}: mean |diff| {diff.mean():.3f} (limit {MEAN_LIMIT}), max {diff.max()} (limit {MAX_LIMIT})"
-    )
 
 
 def scripted(webui, form: str = "script_name", script_args=None, **payload):

@@ -95,6 +95,35 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+MEAN_LIMIT, MAX_LIMIT = 1.0, 8
+"""Compiled and eager images of one request count as equal when the mean absolute difference of their uint8 pixels is
+at most MEAN_LIMIT and the largest at most MAX_LIMIT: Inductor reorders float additions, which can move a pixel near a
+rounding boundary by a step; wrong or stale weights, or a missing LoRA, move the mean by tens."""
+CLEARLY_DIFFERENT = 3.0
+"""Mean absolute uint8 difference above which two images are not the same image."""
+
+
+def difference(a, b) -> tuple[float, int]:
+    """(mean, largest) absolute difference of two uint8 images."""
+    import numpy as np
+
+    assert a.shape == b.shape, f"shape {a.shape} != {b.shape}"
+    d = np.abs(a.astype(np.int16) - b.astype(np.int16))
+    return float(d.mean()), int(d.max())
+
+
+def assert_close(image, reference, what: str) -> None:
+    mean, largest = difference(image, reference)
+    assert mean <= MEAN_LIMIT and largest <= MAX_LIMIT, (
+        f"{what}: compiled vs eager mean |diff| {mean:.3f} (limit {MEAN_LIMIT}), max {largest} (limit {MAX_LIMIT})"
+    )
+
+
+def assert_differs(a, b, what: str) -> None:
+    mean, _ = difference(a, b)
+    assert mean > CLEARLY_DIFFERENT, f"{what}: mean difference only {mean:.3f} (want > {CLEARLY_DIFFERENT})"
+
+
 def decode_image(b64: str):
     """base64 PNG (as in webui API responses) -> numpy uint8 array (H, W, C)."""
     import numpy as np

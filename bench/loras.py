@@ -1,11 +1,11 @@
 """Random LoRAs in kohya's naming for ldm/sgm layers, and an applier with the contract of webui's
-``networks.network_apply_weights``: back up each original weight once (on the host), restore it, add the wanted deltas
+``networks.network_apply_weights``: back up each original weight once, restore it, add the wanted deltas
 ``multiplier * alpha / rank * up @ down``. webui runs its own; tests and benchmarks without webui use this one."""
 from __future__ import annotations
 
 import torch
 
-from sd_webui_onediff.lora import pinned_copies
+from sd_webui_onediff.lora import backup_copies
 
 TARGETS = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "attn2.to_q", "attn2.to_k", "attn2.to_v",
            "attn2.to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2")
@@ -37,11 +37,13 @@ def lora_delta(lora: dict, key: str, weight: torch.Tensor) -> torch.Tensor:
 
 
 class KohyaApplier:
-    """``fused``, ``fuse`` and ``back_up`` for ``lora.FusedLoras``; ``wanted``: ((name, multiplier), ...). Backups and
-    restores as the webui adapter makes them (``lora.pinned_copies``), deltas added as webui adds them."""
+    """``fused``, ``touches``, ``fuse`` and ``back_up`` for ``lora.FusedLoras``; ``wanted``: ((name, multiplier), ...).
+    Backups and restores as the webui adapter makes them (``lora.backup_copies``), deltas added as webui adds them."""
 
-    def __init__(self, unet: torch.nn.Module, loras: dict[str, dict]):
+    def __init__(self, unet: torch.nn.Module, loras: dict[str, dict], backups_on_gpu: bool = False):
         self.loras = loras
+        self.backups_on_gpu = backups_on_gpu
+        self.backup_bytes = 0
         self.wanted: tuple = ()
         self.layers = []
         for path, module in unet.named_modules():
@@ -52,10 +54,15 @@ class KohyaApplier:
     def fused(self, layer) -> tuple:
         return getattr(layer, "fused_set", ())
 
+    def touches(self, layer) -> bool:
+        return any(f"{layer.lora_key}.alpha" in self.loras[name] for name, _ in self.wanted)
+
     def back_up(self, layers) -> None:
         fresh = [layer for layer in layers if not hasattr(layer, "original_weight")]
-        for layer, copy in zip(fresh, pinned_copies([layer.weight.detach() for layer in fresh])):
+        for layer, copy in zip(fresh, backup_copies([layer.weight.detach() for layer in fresh],
+                                                 fresh[0].weight.device if fresh and self.backups_on_gpu else None)):
             layer.original_weight = copy
+            self.backup_bytes += copy.numel() * copy.element_size()
 
     def fuse(self, layer) -> None:
         layer.weight.copy_(layer.original_weight, non_blocking=True)

@@ -11,6 +11,7 @@ the same weights, the noise level any fp16 run has; the script exits non-zero wh
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import runpy
 import statistics
@@ -108,7 +109,7 @@ def run_case(name: str, args: argparse.Namespace, device: torch.device) -> dict:
         eager_ms = timed_ms(eager, device, args.repeat)
         eager_peak = peak_gib(eager, device)
         allocated_before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
-        compiled = CompiledUNet(unet, CompileOptions(max_autotune=args.max_autotune))
+        compiled = CompiledUNet(unet, args.options)
 
         def run_compiled():
             with autocast:
@@ -139,8 +140,67 @@ def run_case(name: str, args: argparse.Namespace, device: torch.device) -> dict:
             "err_compiled_vs_eager": relative_error(compiled_out, eager_out),
             "err_eager16_vs_fp32": relative_error(eager_out, reference),
             "graphs": compiled.stats.graphs_compiled,
+            "options": describe_options(args.options),
         }
+        if args.profile:
+            print(f"\n{name}: where a compiled call's GPU time goes ({args.repeat} calls profiled)")
+            print(kernel_profile(run_compiled, args.repeat))
     return row
+
+
+def parse_option(text: str) -> tuple[str, object]:
+    """``name=value`` for a field of ``CompileOptions``, the value read as the field's type."""
+    name, _, value = text.partition("=")
+    fields = {field.name: field for field in dataclasses.fields(CompileOptions)}
+    if name not in fields or not value:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE with NAME one of {', '.join(fields)}")
+    kind = type(getattr(CompileOptions(), name))
+    if kind is bool:
+        if value.lower() not in ("true", "false", "1", "0"):
+            raise argparse.ArgumentTypeError(f"{name} takes true or false")
+        return name, value.lower() in ("true", "1")
+    return name, kind(value)
+
+
+def describe_options(options: CompileOptions) -> str:
+    """The options that differ from the defaults, or "defaults"."""
+    changed = [f"{field.name}={getattr(options, field.name)}" for field in dataclasses.fields(options)
+               if getattr(options, field.name) != field.default]
+    return " ".join(changed) or "defaults"
+
+
+KERNEL_KINDS = (  # (kind, substrings of CUDA kernel names), first match wins
+    ("attention", ("flash", "fmha", "attention", "sdpa")),
+    ("convolution", ("conv", "implicit", "winograd", "fprop", "dgrad")),  # cuDNN's are implicit GEMMs: before matmul
+    ("matmul", ("gemm", "xmma", "cutlass", "sm90", "nvjet", "matmul")),
+    ("fused elementwise / norm (Triton)", ("triton",)),
+)
+
+
+def kernel_profile(fn, calls: int) -> str:
+    """GPU time per kind of kernel over ``calls`` calls, and the ten costliest kernels: the profile behind a speed."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    kernels = [event for event in prof.key_averages() if event.device_type == torch.autograd.DeviceType.CUDA]
+    total = sum(event.device_time_total for event in kernels) or 1.0
+    by_kind: dict[str, float] = {}
+    for event in kernels:
+        name = event.key.lower()
+        kind = next((kind for kind, marks in KERNEL_KINDS if any(mark in name for mark in marks)), "other")
+        by_kind[kind] = by_kind.get(kind, 0.0) + event.device_time_total
+    lines = [f"kernels: {total / calls / 1e3:.2f} ms of GPU time per call", "", "| kind | ms per call | share |", "|---|---|---|"]
+    lines += [f"| {kind} | {us / calls / 1e3:.2f} | {us / total:.0%} |" for kind, us in sorted(by_kind.items(), key=lambda kv: -kv[1])]
+    lines += ["", "| kernel | calls per call | ms per call | share |", "|---|---|---|---|"]
+    for event in sorted(kernels, key=lambda e: -e.device_time_total)[:10]:
+        lines.append(f"| {event.key[:90]} | {event.count / calls:.0f} | {event.device_time_total / calls / 1e3:.2f} | "
+                     f"{event.device_time_total / total:.0%} |")
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -149,9 +209,12 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--tiny", action="store_true", help="tiny widths and 128x128 images (CPU smoke run)")
     parser.add_argument("--repeat", type=int, default=30)
-    parser.add_argument("--max-autotune", action="store_true")
+    parser.add_argument("--option", type=parse_option, action="append", default=[], metavar="NAME=VALUE",
+                        help="a CompileOptions field to change, e.g. regional=false or attention_kernel=cudnn (repeatable)")
+    parser.add_argument("--profile", action="store_true", help="also print where the compiled call's GPU time goes")
     parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args()
+    args.options = CompileOptions(**dict(args.option))
     device = torch.device(args.device)
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     rows = []
@@ -163,7 +226,7 @@ def main() -> None:
     columns = [("model", "{}"), ("shape", "{}"), ("eager_ms", "{:.2f}"), ("compiled_ms", "{:.2f}"), ("speedup", "{:.2f}x"),
                ("compiled_it_s", "{:.1f}"), ("compile_s", "{:.1f}"), ("weights_gib", "{:.2f}"), ("eager_peak_gib", "{:.2f}"),
                ("compiled_peak_gib", "{:.2f}"), ("extra_resident_gib", "{:.2f}"), ("err_compiled_vs_eager", "{:.1e}"),
-               ("err_eager16_vs_fp32", "{:.1e}"), ("graphs", "{}")]
+               ("err_eager16_vs_fp32", "{:.1e}"), ("graphs", "{}"), ("options", "{}")]
     print("| " + " | ".join(name for name, _ in columns) + " |")
     print("|" + "---|" * len(columns))
     for row in rows:

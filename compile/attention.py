@@ -41,6 +41,18 @@ def sdpa_forward(self, x: torch.Tensor, context: torch.Tensor | None = None, mas
     return self.to_out(out)
 
 
+def kernel_preference(kernel: str) -> contextlib.AbstractContextManager:
+    """SDPA kernels in order of preference while a graph is traced (``CompileOptions.attention_kernel``); the others
+    stay allowed after the preferred one, for shapes it does not support."""
+    if kernel == "auto":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    first = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION}[kernel]
+    rest = [SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    return sdpa_kernel([first, *(backend for backend in rest if backend != first)], set_priority=True)
+
+
 class SdpaAttention:
     """Installs and removes ``sdpa_forward`` on every cross-attention module of one UNet.
 

@@ -17,7 +17,8 @@ import torch._dynamo
 from torch._inductor.compile_fx import compile_fx
 from torch.utils._pytree import tree_map_only
 
-from .attention import SdpaAttention
+from . import regions
+from .attention import SdpaAttention, kernel_preference
 from .layers import plain_layers
 from .options import CompileOptions
 
@@ -110,6 +111,7 @@ class CompiledUNet(torch.nn.Module):
         if self.options.channels_last:
             convert_convolutions_to_channels_last(unet)
         self._attention = SdpaAttention(unet, upcast=self.options.upcast_attention) if self.options.attention == "sdpa" else None
+        self._regions = regions.region_classes(unet) if self.options.regional and regions.available() else []
         # Kept out of nn.Module's registry: the compiled callable is not a submodule of its own wrapper.
         object.__setattr__(self, "_compiled", torch.compile(unet, backend=self.backend, fullgraph=True, dynamic=False))
 
@@ -162,7 +164,8 @@ class CompiledUNet(torch.nn.Module):
             recompile_limit=self.options.max_graphs_per_unet, fail_on_recompile_limit_hit=True
         )
         attention = self._attention.installed() if self._attention else contextlib.nullcontext()
-        with limits, attention, plain_layers():
+        kernels = kernel_preference(self.options.attention_kernel)
+        with limits, attention, kernels, plain_layers(), regions.compiled_once(self._regions):
             self.backend.on_compile_start = self.on_compile_start
             if self.backend.cuda_graphs:
                 torch.compiler.cudagraph_mark_step_begin()

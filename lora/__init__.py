@@ -5,9 +5,10 @@ webui's builtin Lora extension applies networks (``compile/layers.py``). So the 
 ``FusedLoras`` keeps them in step with webui's active set, using webui's own functions (passed in, nothing imported),
 which back up each original weight once and restore it bit-exactly before fusing a new set, or none.
 
-Where the time goes: a change of LoRA restores the weights of every layer webui patches from their host backups (for
-SDXL 5.1 GB: webui backs up each patched layer, not only those a network touches) and adds the new deltas. Backups in pageable memory cost a blocking copy per layer; ``pinned_copies`` keeps them in a few
-page-locked buffers, so the copies run at full bus speed and queue without waiting on the host.
+Where the time goes: the first LoRA after a checkpoint load backs up the original weights of every layer a network
+touches (SDXL with a LoRA on all transformer Linears: 4.1 GiB); every change restores them and adds the new deltas.
+Backups in GPU memory make both a device-side copy (milliseconds); where the GPU has no room to spare they go to
+page-locked host memory (``pinned_copies``), whose allocation costs seconds once and whose copies run at bus speed.
 """
 from __future__ import annotations
 
@@ -36,14 +37,16 @@ class FusedLoras:
         self.seconds: list[float] = []
         """Wall time of each sync that changed weights."""
 
-    def sync(self, wanted: Hashable) -> float | None:
+    def sync(self, wanted: Hashable, touches: Callable[[torch.nn.Module], bool] = lambda layer: True) -> float | None:
         """Fuses ``wanted`` where a layer holds anything else; returns the seconds it took, or None if nothing changed.
 
         Every layer is checked whenever ``wanted`` differs from the last sync: a checkpoint loaded in between resets
-        layers without changing the wanted set, and webui may have fused some layers itself in an eager call."""
+        layers without changing the wanted set, and webui may have fused some layers itself in an eager call.
+        ``touches(layer)``: whether a wanted network changes that layer; a layer it does not, holding nothing
+        (``fused`` falsy), is left alone: no backup, no copy."""
         if wanted == self._synced:
             return None
-        stale = [layer for layer in self.layers if self._fused(layer) != wanted]
+        stale = [layer for layer in self.layers if self._fused(layer) != wanted and (self._fused(layer) or touches(layer))]
         self._synced = wanted
         if not stale:
             return None
@@ -81,3 +84,15 @@ def pinned_copies(tensors: Sequence[torch.Tensor], buffer_bytes: int = 1 << 28) 
         copy = buffers[index][offset:offset + size].view(tensor.dtype).view(tensor.shape)
         copies.append(copy.copy_(tensor, non_blocking=pin))
     return copies
+
+
+def fits_on_gpu(backup_bytes: int, free_bytes: int, total_bytes: int) -> bool:
+    """Whether backups of ``backup_bytes`` may go to GPU memory: only if, after them, at least a quarter of the card
+    (and no less than 6 GiB) stays free for what follows sampling -- VAE decoding, hires fix -- so that a LoRA never
+    makes a generation run out of memory that would fit without it."""
+    return free_bytes - backup_bytes >= max(total_bytes // 4, 6 << 30)
+
+
+def backup_copies(tensors: Sequence[torch.Tensor], device: torch.device | None) -> list[torch.Tensor]:
+    """Exact copies of ``tensors`` on ``device`` (the GPU), or with None in page-locked host memory."""
+    return [tensor.to(device, copy=True) for tensor in tensors] if device is not None else pinned_copies(tensors)

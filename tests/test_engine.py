@@ -137,3 +137,26 @@ def test_past_the_graph_limit_a_new_shape_runs_eagerly_and_says_why():
         args, kwargs = arch.sd_inputs(arch.SD15_TINY, tokens=7, latent=latent)
         assert relative_error(compiled(*args, **kwargs), unet(*args, **kwargs)) < TOLERANCE
     assert "most compiled graphs" in compiled.failure
+
+
+@torch.no_grad()
+def test_repeated_blocks_are_compiled_once(monkeypatch):
+    """``regional``: a block that recurs reaches Inductor once, as a subgraph the main graph calls wherever it recurs
+    (newer torches inline a block used once); outside the compiled call the block classes are as they were."""
+    import sd_webui_onediff.compile.engine as engine
+    from sd_webui_onediff.compile import regions
+    from ldm.modules.diffusionmodules.openaimodel import ResBlock
+
+    graphs = []
+    monkeypatch.setattr(engine, "compile_fx", lambda graph, inputs, **kw: graphs.append(graph) or graph.forward)
+    unet = arch.sd_unet(arch.SD15_TINY, seed=7)
+    compiled = CompiledUNet(unet)
+    forward = ResBlock.forward
+    args, kwargs = arch.sd_inputs(arch.SD15_TINY, tokens=7)
+    assert relative_error(compiled(*args, **kwargs), unet(*args, **kwargs)) < TOLERANCE
+    assert ResBlock.forward is forward
+    if not regions.available():
+        pytest.skip(f"torch {torch.__version__} has no nested_compile_region: the UNet compiles as one plain graph")
+    calls = [node for node in graphs[0].graph.nodes if node.target is torch.ops.higher_order.invoke_subgraph]
+    distinct = {node.args[1] for node in calls}
+    assert 0 < len(distinct) < len(calls), "blocks of the same shape share one compiled region"

@@ -5,7 +5,7 @@ import torch
 from sd_webui_onediff.bench import architectures as arch
 from sd_webui_onediff.bench.loras import KohyaApplier, lora_delta, lora_key, make_lora
 from sd_webui_onediff.compile import CompiledUNet
-from sd_webui_onediff.lora import FusedLoras, pinned_copies
+from sd_webui_onediff.lora import FusedLoras, fits_on_gpu, pinned_copies
 
 
 def reference(base_state: dict, wanted, loras) -> torch.nn.Module:
@@ -24,11 +24,13 @@ def reference(base_state: dict, wanted, loras) -> torch.nn.Module:
 def test_switching_loras_changes_weights_in_place_without_recompiling():
     unet = arch.sd_unet(arch.SD15_TINY, seed=1)
     base_state = {k: v.clone() for k, v in unet.state_dict().items()}
-    loras = {"A": make_lora(unet, rank=4, seed=10), "B": make_lora(unet, rank=8, seed=11)}
+    # B touches only the self-attention layers: switching A -> B must restore the layers only A touched.
+    only_attn1 = {key: value for key, value in make_lora(unet, rank=8, seed=11).items() if "attn1" in key}
+    loras = {"A": make_lora(unet, rank=4, seed=10), "B": only_attn1}
     applier = KohyaApplier(unet, loras)
     fused = FusedLoras(applier.layers, fused=applier.fused, fuse=applier.fuse, back_up=applier.back_up)
     compiled = CompiledUNet(unet)
-    compiled.before_call = lambda: fused.sync(applier.wanted)
+    compiled.before_call = lambda: fused.sync(applier.wanted, touches=applier.touches)
     args, kwargs = arch.sd_inputs(arch.SD15_TINY, tokens=7)
     base_out = compiled(*args, **kwargs)
     pointers = {name: p.data_ptr() for name, p in unet.named_parameters()}
@@ -57,6 +59,26 @@ def test_sync_is_a_no_op_while_nothing_changes():
     layer.fused_set = ("old",)  # e.g. a checkpoint reload reset some layers, or webui fused in an eager call
     assert fused.sync(("new",)) is not None and calls == [layer]
     assert fused.sync(("new",)) is None and calls == [layer]
+
+
+def test_layers_no_wanted_network_touches_are_not_backed_up():
+    touched, untouched = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+    backed_up, fused_into = [], []
+    fused = FusedLoras([touched, untouched], fused=lambda l: getattr(l, "fused_set", ()),
+                       fuse=lambda l: (fused_into.append(l), setattr(l, "fused_set", ("A",))),
+                       back_up=lambda layers: backed_up.extend(layers))
+    fused.sync(("A",), touches=lambda layer: layer is touched)
+    assert backed_up == [touched] and fused_into == [touched]
+    fused.sync((), touches=lambda layer: False)
+    assert fused_into == [touched, touched], "a layer holding a network is restored even when none touches it now"
+
+
+def test_backups_go_to_the_gpu_only_with_room_to_spare():
+    gib = 1 << 30
+    assert fits_on_gpu(5 * gib, free_bytes=70 * gib, total_bytes=80 * gib)  # H100, SDXL
+    assert fits_on_gpu(5 * gib, free_bytes=15 * gib, total_bytes=24 * gib)  # RTX 3090, SDXL: 10 GiB stay free
+    assert not fits_on_gpu(5 * gib, free_bytes=9 * gib, total_bytes=12 * gib)
+    assert not fits_on_gpu(5 * gib, free_bytes=40 * gib, total_bytes=160 * gib), "a quarter of the card stays free"
 
 
 def test_pinned_copies_are_exact_copies_packed_into_few_buffers():

@@ -113,6 +113,7 @@ def test_lora_sequence_fuses_in_place_without_recompiling(sd15, loras):
     """A -> B -> B at 0.5 -> A and B at once -> none, all with the script: each image equals eager webui's (same
     tolerance), none recompiles (``OneDiff: reused``), each records ``OneDiff LoRA fuse: N ms``, and after "none" the
     image is bit-identical to the script's image from before any LoRA (original weights restored exactly)."""
+    assert sd15.options().get("onediff_lora_backups") == "GPU memory if it has room", "the backups setting is missing"
     before, _ = generate(sd15, PROMPT, script=True)  # compiles here when no earlier test did
     steps = {
         "A": "<lora:odl-sd15-unet:1>",

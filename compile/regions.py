@@ -1,0 +1,56 @@
+"""Regional compilation: each distinct repeated block of the UNet is compiled once, however often it occurs.
+
+SDXL's UNet runs 70 transformer blocks and 17 residual blocks, but only 14 distinct (class, input shape) pairs among
+them. Traced as one graph, Inductor lowers and schedules all 5,200 operations; with every ``BasicTransformerBlock`` and
+``ResBlock`` marked as a nested compile region (``torch.compiler.nested_compile_region``), Dynamo still traces the whole
+UNet into one graph -- so CUDA graphs still replay one call as a whole -- but Inductor compiles each distinct block once
+and calls it wherever it recurs: about 530 operations in SDXL's blocks, plus the few between them. Fusion stops at block
+boundaries (a block's output is written to memory before the next block reads it), which costs nothing measurable: on
+an H100, SDXL compiled in 55.5 s instead of 84.1 s and ran in 36.40 ms instead of 36.49 ms per call.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Iterator
+
+import torch
+
+REGION_CLASS_NAMES = frozenset({
+    "BasicTransformerBlock",  # ldm, sgm and diffusers: attention, cross-attention and feed-forward
+    "ResBlock",  # ldm and sgm
+    "ResnetBlock2D",  # diffusers
+})
+
+_marked: dict[Callable, Callable] = {}
+"""Each forward marked once and reused, so Dynamo's guards on a class's ``forward`` hold from call to call."""
+
+
+def available() -> bool:
+    """``nested_compile_region`` first shipped in torch 2.8; older torches compile the UNet as one plain graph."""
+    return hasattr(torch.compiler, "nested_compile_region")
+
+
+def region_classes(unet: torch.nn.Module) -> list[type]:
+    return list(dict.fromkeys(type(module) for module in unet.modules() if type(module).__name__ in REGION_CLASS_NAMES))
+
+
+@contextlib.contextmanager
+def compiled_once(classes: list[type]) -> Iterator[None]:
+    """For the duration of one compiled call, marks ``forward`` of each class as a nested compile region.
+
+    Class-level, as webui patches these classes itself; outside compiled calls the classes are exactly as they were.
+    """
+    previous = {cls: cls.__dict__.get("forward") for cls in classes}
+    for cls in classes:
+        forward = cls.forward
+        if forward not in _marked:
+            _marked[forward] = torch.compiler.nested_compile_region(forward)
+        cls.forward = _marked[forward]
+    try:
+        yield
+    finally:
+        for cls, forward in previous.items():
+            if forward is None:
+                del cls.forward
+            else:
+                cls.forward = forward

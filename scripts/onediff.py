@@ -84,7 +84,8 @@ shared.opts.add_option(
         section=("onediff", "OneDiff"),
     ).info(
         "GPU memory: the first LoRA after a checkpoint load takes milliseconds instead of seconds, and uses as much GPU "
-        "memory as the weights it changes (SDXL, a LoRA on every transformer layer: 4.1 GiB); 'if it has room' keeps a quarter of the card free"
+        "memory as the weights it changes (SDXL, a LoRA on every transformer layer: 4.1 GiB); "
+        "'if it has room' keeps a quarter of the card free"
     ),
 )
 
@@ -294,7 +295,8 @@ def back_up(layers) -> None:
     page-locked host memory (the setting); backups webui made in pageable memory (eager generations) move there too.
     Webui uses them unchanged."""
     backups = []  # (layer, attribute, tensor to copy)
-    on_cuda = torch.cuda.is_available()
+    device = layers[0].weight.device
+    on_cuda = device.type == "cuda"  # host backups of host weights need no page-locking
     for layer in layers:
         unfused = getattr(layer, "network_current_names", ()) == ()
         for attribute, tensor in (("network_weights_backup", layer.weight), ("network_bias_backup", layer.bias)):
@@ -308,11 +310,12 @@ def back_up(layers) -> None:
     tensors = [tensor.detach() for *_, tensor in backups]
     on_gpu = on_cuda and LORA_BACKUP_PLACES.get(getattr(shared.opts, LORA_BACKUPS_OPTION, None))
     if on_gpu is None:
-        on_gpu = on_cuda and fits_on_gpu(sum(t.numel() * t.element_size() for t in tensors), *torch.cuda.mem_get_info())
-    device = layers[0].weight.device if on_gpu else None
-    for (layer, attribute, _), copy in zip(backups, backup_copies(tensors, device)):
+        needed = sum(t.numel() * t.element_size() for t in tensors)
+        on_gpu = fits_on_gpu(needed, *torch.cuda.mem_get_info(device))
+    for (layer, attribute, _), copy in zip(backups, backup_copies(tensors, device if on_gpu else None)):
         setattr(layer, attribute, copy)
-    print(f"OneDiff: backed up the original weights of {len(backups)} LoRA-patched tensors in {'GPU' if on_gpu else 'CPU'} memory")
+    place = "GPU memory" if on_gpu else "page-locked CPU memory" if on_cuda else "CPU memory"
+    print(f"OneDiff: backed up the original weights of {len(backups)} LoRA-patched tensors in {place}")
 
 
 @contextlib.contextmanager

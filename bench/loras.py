@@ -59,8 +59,8 @@ class KohyaApplier:
 
     def back_up(self, layers) -> None:
         fresh = [layer for layer in layers if not hasattr(layer, "original_weight")]
-        for layer, copy in zip(fresh, backup_copies([layer.weight.detach() for layer in fresh],
-                                                 fresh[0].weight.device if fresh and self.backups_on_gpu else None)):
+        weights = [layer.weight.detach() for layer in fresh]
+        for layer, copy in zip(fresh, backup_copies(weights, layers[0].weight.device, on_device=self.backups_on_gpu)):
             layer.original_weight = copy
             self.backup_bytes += copy.numel() * copy.element_size()
 

@@ -8,7 +8,7 @@ which back up each original weight once and restore it bit-exactly before fusing
 Where the time goes: the first LoRA after a checkpoint load backs up the original weights of every layer a network
 touches (SDXL with a LoRA on all transformer Linears: 4.1 GiB); every change restores them and adds the new deltas.
 Backups in GPU memory make both a device-side copy (milliseconds); where the GPU has no room to spare they go to
-page-locked host memory (``pinned_copies``), whose allocation costs seconds once and whose copies run at bus speed.
+page-locked host memory (``host_copies``), whose allocation costs seconds once and whose copies run at bus speed.
 """
 from __future__ import annotations
 
@@ -61,15 +61,14 @@ class FusedLoras:
         return self.seconds[-1]
 
 
-def pinned_copies(tensors: Sequence[torch.Tensor], buffer_bytes: int = 1 << 28) -> list[torch.Tensor]:
-    """Host copies of ``tensors``, packed into page-locked buffers of up to ``buffer_bytes``, copied without waiting
-    (order them by the stream).
+def host_copies(tensors: Sequence[torch.Tensor], *, pin: bool, buffer_bytes: int = 1 << 28) -> list[torch.Tensor]:
+    """Host copies of ``tensors``, packed into buffers of up to ``buffer_bytes``, page-locked if ``pin`` (for weights
+    on a GPU) and then copied without waiting (order them by the stream).
 
     Page-locked because only such memory copies to and from the GPU asynchronously and at full bus speed. Few buffers
     because page-locking is slow per allocation (hundreds of layers). Buffers of a power-of-two size because torch's
     pinned allocator rounds every request up to one: one 5 GiB buffer for SDXL would lock 8 GiB of host memory. A
-    tensor larger than ``buffer_bytes`` gets a buffer of its own. Without CUDA the copies are plain host tensors."""
-    pin = torch.cuda.is_available()
+    tensor larger than ``buffer_bytes`` gets a buffer of its own."""
     places, buffer_sizes = [], []  # (buffer, offset) per tensor; bytes used per buffer
     for tensor in tensors:
         size = -(-tensor.numel() * tensor.element_size() // 64) * 64  # keep every view 64-byte aligned
@@ -93,6 +92,9 @@ def fits_on_gpu(backup_bytes: int, free_bytes: int, total_bytes: int) -> bool:
     return free_bytes - backup_bytes >= max(total_bytes // 4, 6 << 30)
 
 
-def backup_copies(tensors: Sequence[torch.Tensor], device: torch.device | None) -> list[torch.Tensor]:
-    """Exact copies of ``tensors`` on ``device`` (the GPU), or with None in page-locked host memory."""
-    return [tensor.to(device, copy=True) for tensor in tensors] if device is not None else pinned_copies(tensors)
+def backup_copies(tensors: Sequence[torch.Tensor], device: torch.device, on_device: bool) -> list[torch.Tensor]:
+    """Exact copies of ``tensors``, backups of weights that live on ``device``: on that device if ``on_device``, else
+    on the host, page-locked when ``device`` is a GPU."""
+    if on_device:
+        return [tensor.to(device, copy=True) for tensor in tensors]
+    return host_copies(tensors, pin=device.type == "cuda")

@@ -7,6 +7,7 @@ nothing from webui. Those packages are loaded as ``sd_webui_onediff.*`` (see the
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import json
 import os
@@ -278,9 +279,10 @@ def lora_fusing(p: StableDiffusionProcessing, unet: torch.nn.Module, compiled):
                 compiled.run_eagerly(LORA_FUNCTIONAL_REFUSED)
                 p.extra_generation_params[INFOTEXT_KEY] = f"eager: {LORA_FUNCTIONAL_REFUSED}"
             return
-        touched = {name for network in networks.loaded_networks for name in network.modules}
+        # Built only when the wanted set changed and layers are checked, not on every step.
+        touched = functools.cache(lambda: {name for network in networks.loaded_networks for name in network.modules})
         with restoring_without_waiting(networks):
-            seconds = loras.sync(wanted, touches=lambda layer: layer.network_layer_name in touched)
+            seconds = loras.sync(wanted, touches=lambda layer: layer.network_layer_name in touched())
         if seconds is not None:
             p.extra_generation_params[f"{INFOTEXT_KEY} LoRA fuse"] = f"{seconds * 1e3:.0f} ms"
             done = f"fused {len(wanted)} LoRA network(s) into" if wanted else "removed the LoRA networks from"
@@ -296,7 +298,7 @@ def back_up(layers) -> None:
     Webui uses them unchanged."""
     backups = []  # (layer, attribute, tensor to copy)
     device = layers[0].weight.device
-    on_cuda = device.type == "cuda"  # host backups of host weights need no page-locking
+    on_cuda = device.type == "cuda"
     for layer in layers:
         unfused = getattr(layer, "network_current_names", ()) == ()
         for attribute, tensor in (("network_weights_backup", layer.weight), ("network_bias_backup", layer.bias)):
@@ -312,7 +314,7 @@ def back_up(layers) -> None:
     if on_gpu is None:
         needed = sum(t.numel() * t.element_size() for t in tensors)
         on_gpu = fits_on_gpu(needed, *torch.cuda.mem_get_info(device))
-    for (layer, attribute, _), copy in zip(backups, backup_copies(tensors, device if on_gpu else None)):
+    for (layer, attribute, _), copy in zip(backups, backup_copies(tensors, device, on_device=on_gpu)):
         setattr(layer, attribute, copy)
     place = "GPU memory" if on_gpu else "page-locked CPU memory" if on_cuda else "CPU memory"
     print(f"OneDiff: backed up the original weights of {len(backups)} LoRA-patched tensors in {place}")

@@ -5,7 +5,7 @@ import torch
 from sd_webui_onediff.bench import architectures as arch
 from sd_webui_onediff.bench.loras import KohyaApplier, lora_delta, lora_key, make_lora
 from sd_webui_onediff.compile import CompiledUNet
-from sd_webui_onediff.lora import FusedLoras, fits_on_gpu, pinned_copies
+from sd_webui_onediff.lora import FusedLoras, fits_on_gpu, host_copies
 
 
 def reference(base_state: dict, wanted, loras) -> torch.nn.Module:
@@ -81,10 +81,10 @@ def test_backups_go_to_the_gpu_only_with_room_to_spare():
     assert not fits_on_gpu(5 * gib, free_bytes=40 * gib, total_bytes=160 * gib), "a quarter of the card stays free"
 
 
-def test_pinned_copies_are_exact_copies_packed_into_few_buffers():
+def test_host_copies_are_exact_copies_packed_into_few_buffers():
     tensors = [torch.randn(3, 5), torch.randn(7, dtype=torch.float64), torch.randn(2, 3, 3, 3).to(memory_format=torch.channels_last),
                torch.randn(100)]
-    copies = pinned_copies(tensors, buffer_bytes=256)
+    copies = host_copies(tensors, pin=torch.cuda.is_available(), buffer_bytes=256)
     assert all(torch.equal(copy, tensor) and copy.dtype == tensor.dtype for copy, tensor in zip(copies, tensors))
     buffers = [copy.untyped_storage().data_ptr() for copy in copies]
     assert buffers[0] == buffers[1] != buffers[2], "packed up to 256 bytes (64-byte aligned) per buffer"

@@ -275,6 +275,11 @@ class WebUI:
             if not self.is_running():
                 raise RuntimeError(f"webui exited with code {self.process.returncode} during startup\n"
                                    f"----- log ({self.log_path}):\n{self.log_tail()}")
+            if "Startup time:" not in self.log_text(since_start=True):
+                # webui adds its API middleware after gradio starts serving; a request in between makes starlette
+                # build its middleware stack, and webui's startup then fails ("Cannot add middleware ...").
+                time.sleep(0.5)
+                continue
             try:
                 r = requests.get(self.url("/sdapi/v1/options"), timeout=10)
                 if r.status_code == 200:

@@ -67,26 +67,45 @@ def randomize(unet: torch.nn.Module, seed: int) -> torch.nn.Module:
 
 
 def sd_unet(config: dict, seed: int = 0, **overrides) -> torch.nn.Module:
+    return randomize(sd_unet_structure(config, **overrides), seed)
+
+
+def sd_unet_structure(config: dict, **overrides) -> torch.nn.Module:
+    """The module as constructed (zero-initialised outputs); ``torch.device("meta")`` around it builds shapes only."""
     from ldm.modules.diffusionmodules.openaimodel import UNetModel
 
-    return randomize(UNetModel(**{**config, **overrides}), seed)
+    return UNetModel(**{**config, **overrides}).eval()
 
 
 def sdxl_unet(config: dict, seed: int = 0) -> torch.nn.Module:
+    return randomize(sdxl_unet_structure(config), seed)
+
+
+def sdxl_unet_structure(config: dict) -> torch.nn.Module:
     unet_class = _import_sgm_unet()
     if unet_class is not None:
-        return randomize(unet_class(**config), seed)
+        return unet_class(**config).eval()
     from diffusers import UNet2DConditionModel
 
+    levels = range(len(config["channel_mult"]))
+    with_attention = [2**level in config["attention_resolutions"] for level in levels]
     heads = [c * config["model_channels"] // config["num_head_channels"] for c in config["channel_mult"]]
-    return randomize(UNet2DConditionModel(
+    return UNet2DConditionModel(
         sample_size=16, in_channels=4, out_channels=4, layers_per_block=config["num_res_blocks"],
         block_out_channels=[c * config["model_channels"] for c in config["channel_mult"]],
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        down_block_types=["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in with_attention],
+        up_block_types=["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(with_attention)],
         transformer_layers_per_block=config["transformer_depth"], attention_head_dim=heads,
-        cross_attention_dim=config["context_dim"], addition_embed_type="text_time", addition_time_embed_dim=8,
+        cross_attention_dim=config["context_dim"], addition_embed_type="text_time",
+        addition_time_embed_dim=_size_embedding_dim(config),
         projection_class_embeddings_input_dim=config["adm_in_channels"], use_linear_projection=True,
-    ), seed)
+    ).eval()
+
+
+def _size_embedding_dim(config: dict) -> int:
+    """Diffusers' width per number of SDXL's 6 size/crop conditions: SDXL's 256 (6 x 256 of its 2816 ``y`` numbers,
+    the rest is the pooled text embedding), 8 at tiny size."""
+    return 256 if config["adm_in_channels"] == SDXL_FULL["adm_in_channels"] else 8
 
 
 def sd_inputs(config: dict, batch: int = 2, latent: int = 16, tokens: int = 77, seed: int = 0, **overrides):
@@ -107,7 +126,7 @@ def sdxl_inputs(config: dict, batch: int = 2, latent: int = 16, tokens: int = 77
     if sgm_available():
         return (x, t), {"context": context, "y": torch.randn(batch, config["adm_in_channels"], generator=generator)}
     time_ids = torch.randn(batch, 6, generator=generator)
-    text_embeds = torch.randn(batch, config["adm_in_channels"] - 6 * 8, generator=generator)
+    text_embeds = torch.randn(batch, config["adm_in_channels"] - 6 * _size_embedding_dim(config), generator=generator)
     return (x, t, context), {"added_cond_kwargs": {"text_embeds": text_embeds, "time_ids": time_ids}, "return_dict": False}
 
 

@@ -115,6 +115,7 @@ def run_case(name: str, args: argparse.Namespace, device: torch.device) -> dict:
             with autocast:
                 return compiled(*inputs, **kwargs)
 
+        phases_before = compile_phase_seconds()
         began = time.perf_counter()
         compiled_out = run_compiled()
         if device.type == "cuda":
@@ -122,6 +123,9 @@ def run_case(name: str, args: argparse.Namespace, device: torch.device) -> dict:
         compile_s = time.perf_counter() - began
         if compiled.failure:
             raise SystemExit(f"{name}: compile failed: {compiled.failure}")
+        if args.compile_phases:
+            print(f"\n{name}: where the {compile_s:.1f} s of the first call went")
+            print(phase_table(phases_before, compile_phase_seconds(), run_compiled, device))
         compiled_ms = timed_ms(run_compiled, device, args.repeat)
         compiled_peak = peak_gib(run_compiled, device)
         weights_gib = sum(p.numel() * p.element_size() for p in unet.parameters()) / 2**30
@@ -146,6 +150,28 @@ def run_case(name: str, args: argparse.Namespace, device: torch.device) -> dict:
             print(f"\n{name}: where a compiled call's GPU time goes ({args.repeat} calls profiled)")
             print(kernel_profile(run_compiled, args.repeat))
     return row
+
+
+def compile_phase_seconds() -> dict[str, float]:
+    """Seconds spent so far in each phase torch times (Dynamo tracing, AOTAutograd, Inductor lowering, code
+    generation, cache lookups, Triton compiles and autotuning...)."""
+    from torch._dynamo.utils import compilation_time_metrics
+
+    return {phase: sum(durations) for phase, durations in compilation_time_metrics.items()}
+
+
+def phase_table(before: dict[str, float], after: dict[str, float], run, device: torch.device, top: int = 15) -> str:
+    """The costliest phases of one compile, then the next calls, where CUDA graphs warm up and record."""
+    spent = sorted(((after[k] - before.get(k, 0.0), k) for k in after), reverse=True)
+    lines = ["| phase (nested: a phase includes the ones it calls) | s |", "|---|---|"]
+    lines += [f"| {phase} | {seconds:.2f} |" for seconds, phase in spent[:top] if seconds >= 0.05]
+    for call in (2, 3):
+        began = time.perf_counter()
+        run()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        lines.append(f"| call {call} after the compile (with CUDA graphs: warm-up, then recording) | {time.perf_counter() - began:.2f} |")
+    return "\n".join(lines)
 
 
 def parse_option(text: str) -> tuple[str, object]:
@@ -178,7 +204,8 @@ KERNEL_KINDS = (  # (kind, substrings of CUDA kernel names), first match wins
 
 
 def kernel_profile(fn, calls: int) -> str:
-    """GPU time per kind of kernel over ``calls`` calls, and the ten costliest kernels: the profile behind a speed."""
+    """GPU time per kind of kernel over ``calls`` calls, the ten costliest kernels, and the five costliest of Inductor's
+    own (their names list the operations fused into them): the profile behind a speed."""
     from torch.profiler import ProfilerActivity, profile
 
     fn()
@@ -189,17 +216,21 @@ def kernel_profile(fn, calls: int) -> str:
         torch.cuda.synchronize()
     kernels = [event for event in prof.key_averages() if event.device_type == torch.autograd.DeviceType.CUDA]
     total = sum(event.device_time_total for event in kernels) or 1.0
+    launches = sum(event.count for event in kernels) / calls
     by_kind: dict[str, float] = {}
     for event in kernels:
         name = event.key.lower()
         kind = next((kind for kind, marks in KERNEL_KINDS if any(mark in name for mark in marks)), "other")
         by_kind[kind] = by_kind.get(kind, 0.0) + event.device_time_total
-    lines = [f"kernels: {total / calls / 1e3:.2f} ms of GPU time per call", "", "| kind | ms per call | share |", "|---|---|---|"]
+    lines = [f"kernels: {total / calls / 1e3:.2f} ms of GPU time per call, {launches:.0f} kernels per call", "",
+             "| kind | ms per call | share |", "|---|---|---|"]
     lines += [f"| {kind} | {us / calls / 1e3:.2f} | {us / total:.0%} |" for kind, us in sorted(by_kind.items(), key=lambda kv: -kv[1])]
-    lines += ["", "| kernel | calls per call | ms per call | share |", "|---|---|---|---|"]
-    for event in sorted(kernels, key=lambda e: -e.device_time_total)[:10]:
-        lines.append(f"| {event.key[:90]} | {event.count / calls:.0f} | {event.device_time_total / calls / 1e3:.2f} | "
-                     f"{event.device_time_total / total:.0%} |")
+    by_time = sorted(kernels, key=lambda e: -e.device_time_total)
+    triton = [event for event in by_time if event.key.startswith("triton")]
+    for title, events in (("costliest kernels", by_time[:10]), ("costliest Inductor kernels", triton[:5])):
+        lines += ["", f"| {title} | calls per call | ms per call | share |", "|---|---|---|---|"]
+        lines += [f"| {e.key[:90]} | {e.count / calls:.0f} | {e.device_time_total / calls / 1e3:.2f} | {e.device_time_total / total:.0%} |"
+                  for e in events]
     return "\n".join(lines)
 
 
@@ -212,6 +243,7 @@ def main() -> None:
     parser.add_argument("--option", type=parse_option, action="append", default=[], metavar="NAME=VALUE",
                         help="a CompileOptions field to change, e.g. regional=false or attention_kernel=cudnn (repeatable)")
     parser.add_argument("--profile", action="store_true", help="also print where the compiled call's GPU time goes")
+    parser.add_argument("--compile-phases", action="store_true", help="also print where the compile time goes")
     parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args()
     args.options = CompileOptions(**dict(args.option))

@@ -13,23 +13,27 @@ class CompileOptions:
     cuda_graphs: bool = True
     """Replay the whole UNet call as one CUDA graph (CUDA devices only; ignored on the CPU).
 
-    Quality: none (same kernels). Speed: removes the per-kernel launch cost, which dominates SD1.5 at 512x512.
-    Memory: each distinct input shape keeps its own recorded graph; activations live in one shared CUDA-graph pool, so
-    the peak stays near one eager call's. Compile time: one extra warm-up and recording per shape (about a second)."""
+    Quality: none (same kernels). Speed: removes the per-kernel launch cost, which dominates SD1.5 at 512x512 (H100:
+    7.4 ms per call with, 25.2 ms without; SDXL 35.4 vs 37.9 ms). Memory: each distinct input shape keeps its own
+    recorded graph; activations live in one shared CUDA-graph pool, so the peak stays near one eager call's. Compile
+    time: one extra warm-up and recording per shape (0.05-0.2 s)."""
 
     regional: bool = True
     """Compile each distinct repeated block (transformer block, residual block) once and reuse it wherever it recurs
     (``compile/regions.py``; needs torch >= 2.8, older ones compile the whole UNet as one graph).
 
     Quality: none (same operations). Compile time: Inductor handles about a tenth of the operations for SDXL and a
-    third for SD1.5 (the H100 numbers are in README's "Options" table). Speed: no fusion across block boundaries.
-    Memory: none."""
+    third for SD1.5 (H100, empty caches: SDXL 55.5 s instead of 84.1 s, SD1.5 40.1 s instead of 48.0 s); on torch 2.11
+    Dynamo's tracing, which a compile from warm caches is mostly made of, takes about a fifth longer. Speed: no fusion
+    across block boundaries, which costs nothing measurable (SD1.5 7.4 vs 7.7 ms, SDXL 36.40 vs 36.49 ms). Memory:
+    none."""
 
     channels_last: bool = True
     """Store convolution weights in channels-last order, in place (the eager module shares them, no copy is kept).
 
     Quality: none beyond the float rounding of other convolution algorithms. Speed: tensor-core convolutions need NHWC;
-    without it Inductor transposes weights on every call. Memory: none. Compile time: none."""
+    without it Inductor transposes weights on every call (H100: SD1.5 8.6 ms per call without, 7.4 ms with; SDXL 36.5
+    vs 35.4 ms). Memory: none. Compile time: none."""
 
     attention: str = "sdpa"
     """How cross-attention is traced: ``"sdpa"`` swaps, during compiled calls only, the forward of every ldm/sgm
@@ -55,7 +59,8 @@ class CompileOptions:
     max_autotune: bool = False
     """Let Inductor benchmark several matrix-multiply and convolution kernels per shape and keep the fastest.
 
-    Quality: none. Speed: a few percent at large shapes. Compile time: several times longer (minutes for SDXL)."""
+    Quality: none. Speed: at most a few percent: on an H100, cuBLAS, or a Triton kernel within 2 % of it, won every
+    shape measured. Compile time: minutes (SD1.5 had not finished after 260 s, against 40 s without)."""
 
     max_graphs_per_unet: int = 64
     """How many compiled graphs one UNet class may hold (one per input shape, prompt length and batch size; Dynamo

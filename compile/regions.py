@@ -11,6 +11,7 @@ an H100, SDXL compiled in 55.5 s instead of 84.1 s and ran in 36.40 ms instead o
 from __future__ import annotations
 
 import contextlib
+import inspect
 from typing import Callable, Iterator
 
 import torch
@@ -24,6 +25,11 @@ REGION_CLASS_NAMES = frozenset({
 _marked: dict[Callable, Callable] = {}
 """Each forward marked once and reused, so Dynamo's guards on a class's ``forward`` hold from call to call."""
 
+MAX_VARIANTS_PER_REGION = 256
+"""How many distinct traced variants (input shapes) one block class may have. torch >= 2.13 raises past its default of
+8, and SD1.5's ``ResBlock`` alone has 14 (channel counts and resolutions): one variant per instance of the most
+frequent class (SDXL's 70 transformer blocks) still fits."""
+
 
 def available() -> bool:
     """``nested_compile_region`` first shipped in torch 2.8; older torches compile the UNet as one plain graph."""
@@ -32,6 +38,12 @@ def available() -> bool:
 
 def region_classes(unet: torch.nn.Module) -> list[type]:
     return list(dict.fromkeys(type(module) for module in unet.modules() if type(module).__name__ in REGION_CLASS_NAMES))
+
+
+def _mark(forward: Callable) -> Callable:
+    if "max_reuse_entries" in inspect.signature(torch.compiler.nested_compile_region).parameters:
+        return torch.compiler.nested_compile_region(forward, max_reuse_entries=MAX_VARIANTS_PER_REGION)
+    return torch.compiler.nested_compile_region(forward)
 
 
 @contextlib.contextmanager
@@ -44,7 +56,7 @@ def compiled_once(classes: list[type]) -> Iterator[None]:
     for cls in classes:
         forward = cls.forward
         if forward not in _marked:
-            _marked[forward] = torch.compiler.nested_compile_region(forward)
+            _marked[forward] = _mark(forward)
         cls.forward = _marked[forward]
     try:
         yield

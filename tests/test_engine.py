@@ -139,24 +139,65 @@ def test_past_the_graph_limit_a_new_shape_runs_eagerly_and_says_why():
     assert "most compiled graphs" in compiled.failure
 
 
-@torch.no_grad()
-def test_repeated_blocks_are_compiled_once(monkeypatch):
-    """``regional``: a block that recurs reaches Inductor once, as a subgraph the main graph calls wherever it recurs
-    (newer torches inline a block used once); outside the compiled call the block classes are as they were."""
+@pytest.fixture
+def traced_graphs(monkeypatch):
+    """The graphs Dynamo hands to Inductor, which is left out: each graph then runs as traced."""
     import sd_webui_onediff.compile.engine as engine
-    from sd_webui_onediff.compile import regions
-    from ldm.modules.diffusionmodules.openaimodel import ResBlock
 
     graphs = []
     monkeypatch.setattr(engine, "compile_fx", lambda graph, inputs, **kw: graphs.append(graph) or graph.forward)
+    return graphs
+
+
+def region_calls(graph) -> tuple[int, int]:
+    """(calls of compiled regions, distinct regions called) in a traced graph."""
+    calls = [node for node in graph.graph.nodes if node.target is torch.ops.higher_order.invoke_subgraph]
+    return len(calls), len({node.args[1] for node in calls})
+
+
+def skip_without_regions():
+    from sd_webui_onediff.compile import regions
+
+    if not regions.available():
+        pytest.skip(f"torch {torch.__version__} has no nested_compile_region: the UNet compiles as one plain graph")
+
+
+@torch.no_grad()
+def test_repeated_blocks_are_compiled_once(traced_graphs):
+    """``regional``: a block that recurs reaches Inductor once, as a subgraph the main graph calls wherever it recurs
+    (newer torches inline a block used once); outside the compiled call the block classes are as they were."""
+    from ldm.modules.diffusionmodules.openaimodel import ResBlock
+
     unet = arch.sd_unet(arch.SD15_TINY, seed=7)
     compiled = CompiledUNet(unet)
     forward = ResBlock.forward
     args, kwargs = arch.sd_inputs(arch.SD15_TINY, tokens=7)
     assert relative_error(compiled(*args, **kwargs), unet(*args, **kwargs)) < TOLERANCE
     assert ResBlock.forward is forward
-    if not regions.available():
-        pytest.skip(f"torch {torch.__version__} has no nested_compile_region: the UNet compiles as one plain graph")
-    calls = [node for node in graphs[0].graph.nodes if node.target is torch.ops.higher_order.invoke_subgraph]
-    distinct = {node.args[1] for node in calls}
-    assert 0 < len(distinct) < len(calls), "blocks of the same shape share one compiled region"
+    skip_without_regions()
+    calls, distinct = region_calls(traced_graphs[0])
+    assert 0 < distinct < calls, "blocks of the same shape share one compiled region"
+
+
+FULL_SIZE = {
+    "sd15": (lambda: arch.sd_unet_structure(arch.SD15_FULL), lambda: arch.sd_inputs(arch.SD15_FULL, latent=64)),
+    "sdxl": (lambda: arch.sdxl_unet_structure(arch.SDXL_FULL), lambda: arch.sdxl_inputs(arch.SDXL_FULL, latent=128)),
+}
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+@torch.no_grad()
+def test_full_size_unets_trace_every_block_as_a_region(family, traced_graphs):
+    """At full size a block class recurs with many input shapes (SD1.5's ResBlock with 14): each must become its own
+    region, where torch >= 2.13 stops at 8 per region unless told otherwise. Traced on the meta device (shapes only),
+    so Inductor, which the tiny tests run, is left out here: it is the full-size trace that differs."""
+    skip_without_regions()
+    build, inputs = FULL_SIZE[family]
+    with torch.device("meta"):
+        compiled = CompiledUNet(build())
+    args, kwargs = torch.utils._pytree.tree_map_only(torch.Tensor, lambda t: t.to("meta"), inputs())
+    out = compiled(*args, **kwargs)
+    assert compiled.failure is None
+    assert arch.output_tensor(out).shape == args[0].shape
+    calls, distinct = region_calls(traced_graphs[0])
+    assert 0 < distinct < calls

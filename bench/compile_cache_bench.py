@@ -50,6 +50,8 @@ def phase(args) -> dict:
         result[f"{name} compile s"] = first_call_seconds(compiled, inputs, kwargs, device)
         if compiled.failure:
             raise SystemExit(compiled.failure)
+        with torch.no_grad(), unet_bench.fp16_autocast(device):
+            result[f"{name} ms per call"] = unet_bench.timed_ms(lambda: compiled(*inputs, **kwargs), device, repeat=10)
         if args.load:
             # a checkpoint of the same architecture arriving as a new module object: served by the same graphs
             other = build(config, seed=2).to(device, dtype)

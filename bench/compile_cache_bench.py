@@ -13,7 +13,6 @@ import runpy
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -25,12 +24,11 @@ from sd_webui_onediff.compile import CompiledUNet, cache_artifacts  # noqa: E402
 
 
 def first_call_seconds(compiled, inputs, kwargs, device) -> float:
-    began = time.perf_counter()
-    with torch.no_grad(), unet_bench.fp16_autocast(device):
-        compiled(*inputs, **kwargs)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - began
+    def call():
+        with torch.no_grad(), unet_bench.fp16_autocast(device):
+            return compiled(*inputs, **kwargs)
+
+    return unet_bench.wall_seconds(call, device)[1]
 
 
 def phase(args) -> dict:

@@ -13,7 +13,6 @@ import argparse
 import contextlib
 import math
 import runpy
-import time
 from pathlib import Path
 
 import torch
@@ -81,20 +80,16 @@ def run_model(name: str, args, device: torch.device) -> dict:
     def sample(model, install=contextlib.nullcontext):
         generator = torch.Generator().manual_seed(0)
         x = (torch.randn((1, 4, latent, latent), generator=generator) * sigmas[0]).to(device)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        began = time.perf_counter()
-        with torch.no_grad(), autocast, install():
-            x = euler_ancestral(model, x, sigmas, schedule, cond_kwargs, 7.0, generator)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return x, time.perf_counter() - began
+
+        def run():
+            with torch.no_grad(), autocast, install():
+                return euler_ancestral(model, x, sigmas, schedule, cond_kwargs, 7.0, generator)
+
+        return unet_bench.wall_seconds(run, device)
 
     eager_x, eager_s = sample(unet, sdp.installed)
     compiled = CompiledUNet(unet)
-    began = time.perf_counter()
-    sample(compiled)
-    first_s = time.perf_counter() - began
+    _, first_s = unet_bench.wall_seconds(lambda: sample(compiled), device)
     compiled_x, compiled_s = sample(compiled)
     error = ((compiled_x - eager_x).float().norm() / eager_x.float().norm()).item()
     return {"model": name + (" tiny" if args.tiny else ""), "steps": args.steps, "eager_s": eager_s,

@@ -58,10 +58,19 @@ def timed_ms(fn, device: torch.device, repeat: int) -> float:
             end.synchronize()
             samples.append(start.elapsed_time(end))
         else:
-            began = time.perf_counter()
-            fn()
-            samples.append((time.perf_counter() - began) * 1e3)
+            samples.append(wall_seconds(fn, device)[1] * 1e3)
     return statistics.median(samples)
+
+
+def wall_seconds(fn, device: torch.device) -> tuple[object, float]:
+    """``fn()``'s result and the wall seconds it took, its GPU work included (a compile, a first call, a whole run)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    began = time.perf_counter()
+    result = fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return result, time.perf_counter() - began
 
 
 def peak_gib(fn, device: torch.device) -> float:
@@ -116,11 +125,7 @@ def run_case(name: str, args: argparse.Namespace, device: torch.device) -> dict:
                 return compiled(*inputs, **kwargs)
 
         phases_before = compile_phase_seconds()
-        began = time.perf_counter()
-        compiled_out = run_compiled()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        compile_s = time.perf_counter() - began
+        compiled_out, compile_s = wall_seconds(run_compiled, device)
         if compiled.failure:
             raise SystemExit(f"{name}: compile failed: {compiled.failure}")
         if args.compile_phases:
@@ -166,11 +171,8 @@ def phase_table(before: dict[str, float], after: dict[str, float], run, device: 
     lines = ["| phase (nested: a phase includes the ones it calls) | s |", "|---|---|"]
     lines += [f"| {phase} | {seconds:.2f} |" for seconds, phase in spent[:top] if seconds >= 0.05]
     for call in (2, 3):
-        began = time.perf_counter()
-        run()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        lines.append(f"| call {call} after the compile (with CUDA graphs: warm-up, then recording) | {time.perf_counter() - began:.2f} |")
+        _, seconds = wall_seconds(run, device)
+        lines.append(f"| call {call} after the compile (with CUDA graphs: warm-up, then recording) | {seconds:.2f} |")
     return "\n".join(lines)
 
 
@@ -248,6 +250,8 @@ def main() -> None:
     args = parser.parse_args()
     args.options = CompileOptions(**dict(args.option))
     device = torch.device(args.device)
+    if args.profile and device.type != "cuda":
+        parser.error("--profile reads CUDA kernel times: run it on a GPU (--device cuda)")
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     rows = []
     for name in args.models:

@@ -65,8 +65,6 @@ def generate(ui, prompt: str, script: bool, **payload):
     return image, json.loads(data["info"])["infotexts"][0]
 
 
-
-
 def assert_onediff_ran(infotext: str, what: str, reused: bool = False) -> None:
     outcome = field(infotext, "OneDiff")
     assert outcome is not None and not outcome.startswith(("eager", "not used")), f"{what}: OneDiff: {outcome!r}\n{infotext}"

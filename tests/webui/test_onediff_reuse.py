@@ -28,7 +28,7 @@ import pytest
 np = pytest.importorskip("numpy")
 
 from sd_webui_onediff.bench.webui_bench import infotext_field as field  # noqa: E402
-from webui_harness import CLEARLY_DIFFERENT, HERE, assert_close, difference  # noqa: E402
+from webui_harness import HERE, assert_close, assert_differs  # noqa: E402
 
 SCRIPT = "onediff_diffusion_model"
 ARGS = [False, "None", "", False]
@@ -81,8 +81,6 @@ script_callbacks.on_app_started(on_app_started, name="reuse probe")
 
 
 # ----- helpers --------------------------------------------------------------------------------------------------------
-
-
 def request(ui, script_args=None, **payload):
     """(images, infotexts, probe steps) of one txt2img; with ``script_args`` through the script."""
     ui.post("/reuse-probe/take")
@@ -211,8 +209,7 @@ def test_same_architecture_switch_reuses_graph(ui, sums, sd15_a):
         assert_compiled_steps(steps, sums, "tiny-sd15-b")
         assert {s["checkpoint"] for s in steps} == {"tiny-sd15-b"}, steps
         assert_all_close(images, reference, "tiny-sd15-b")
-        mean, _ = difference(images[0], sd15_a["images"][0])
-        assert mean > CLEARLY_DIFFERENT, f"tiny-sd15-b's image is A's (mean diff {mean:.3f}): stale weights"
+        assert_differs(images[0], sd15_a["images"][0], "tiny-sd15-b's image vs tiny-sd15-a's (same means stale weights)")
     finally:
         ui.select_checkpoint("tiny-sd15-a")
 

@@ -40,8 +40,6 @@ def infotext(data: dict) -> str:
     return json.loads(data["info"])["infotexts"][0]
 
 
-
-
 def onediff(text: str) -> str:
     return field(text) or ""
 

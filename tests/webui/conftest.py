@@ -5,7 +5,8 @@ Fixture ``webui`` (session scope) -> webui_harness.WebUI, started, with:
   restart(extra_args=None, env=None), extra_env, stop(), start(), select_checkpoint(name),
   txt2img(**payload) -> (images, json), img2img(init_image, **payload), options(), set_options(**opts), scripts(), get(path), post(path, json), log_text().
 
-Everything here is skipped when SD_WEBUI_PATH is unset or is not a webui checkout.
+Everything here is skipped when SD_WEBUI_PATH is unset or is not a webui checkout, unless ONEDIFF_REQUIRE_WEBUI is set
+(tests/run.sh sets it): then the run fails with the reason.
 """
 from __future__ import annotations
 
@@ -32,10 +33,12 @@ _HERE = Path(__file__).resolve().parent
 def pytest_collection_modifyitems(config, items):
     if not _SKIP_REASON:
         return
+    webui_items = [item for item in items if _HERE in Path(str(item.fspath)).resolve().parents]
+    if webui_items and os.environ.get("ONEDIFF_REQUIRE_WEBUI"):  # set by tests/run.sh, which makes a webui if needed
+        raise pytest.UsageError(f"webui tests cannot run: {_SKIP_REASON}")
     marker = pytest.mark.skip(reason=f"webui tests skipped: {_SKIP_REASON}")
-    for item in items:
-        if _HERE in Path(str(item.fspath)).resolve().parents:
-            item.add_marker(marker)
+    for item in webui_items:
+        item.add_marker(marker)
 
 
 @pytest.fixture(scope="session")

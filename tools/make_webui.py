@@ -112,19 +112,20 @@ def git_checkout(url: str, ref: str, target: Path) -> None:
 
 
 def pinned_repositories(webui: Path) -> list[tuple[str, str, str]]:
-    """(folder, URL, commit) of each repository webui clones, read from the webui's own launch_utils.py."""
+    """(folder, URL, commit) of each repository webui clones, read from the webui's own launch_utils.py; the
+    environment variables that webui honours there (``STABLE_DIFFUSION_REPO``, ``..._COMMIT_HASH``) override them."""
     source = (webui / "modules" / "launch_utils.py").read_text(encoding="utf8")
 
     def value(variable: str) -> str:
-        match = re.search(rf"{variable} = os\.environ\.get\('\w+', ['\"]([^'\"]+)['\"]\)", source)
+        match = re.search(rf"{variable} = os\.environ\.get\('(\w+)', ['\"]([^'\"]+)['\"]\)", source)
         if not match:
             raise MakeError(f"{variable} not found in {webui}/modules/launch_utils.py: is this webui {WEBUI_TAG}?")
-        return match.group(1)
+        return os.environ.get(match.group(1), match.group(2))
 
     return [(folder, value(url), value(commit)) for folder, url, commit in WEBUI_REPOSITORIES]
 
 
-def make_webui_tree(cache: Path, shared: Path | None) -> Path:
+def make_webui_tree(cache: Path, shared: Path | None, url: str = WEBUI_URL) -> Path:
     webui = cache / f"webui-{WEBUI_TAG}"
     if (webui / "launch.py").exists():
         return webui
@@ -132,13 +133,13 @@ def make_webui_tree(cache: Path, shared: Path | None) -> Path:
         log(f"copying {shared / webui.name} to {webui}")
         copy_writable(shared / webui.name, webui)
         return webui
-    git_checkout(WEBUI_URL, WEBUI_TAG, webui)
+    git_checkout(url, WEBUI_TAG, webui)
     for folder, url, commit in pinned_repositories(webui):
         git_checkout(url, commit, webui / "repositories" / folder)
     return webui
 
 
-def make_controlnet_tree(cache: Path, shared: Path | None) -> Path:
+def make_controlnet_tree(cache: Path, shared: Path | None, url: str = CONTROLNET_URL) -> Path:
     target = cache / CONTROLNET_DIR
     if (target / "scripts").is_dir():
         return target
@@ -147,7 +148,7 @@ def make_controlnet_tree(cache: Path, shared: Path | None) -> Path:
         log(f"copying {source} to {target}")
         copy_writable(source, target)
     else:
-        git_checkout(CONTROLNET_URL, CONTROLNET_COMMIT, target)
+        git_checkout(url, CONTROLNET_COMMIT, target)
     return target
 
 
@@ -291,6 +292,10 @@ def main(argv: list[str] | None = None) -> int:
                         or str(Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "onediff-sd-webui"),
                         help="folder for the webui, its venv and data (default: %(default)s)")
     parser.add_argument("--shared", help="the shared/ folder with webui-v1.10.1 (default: found beside the checkout)")
+    parser.add_argument("--webui-url", default=WEBUI_URL, help="where to clone webui from without shared/ "
+                        "(default: %(default)s; its repositories come from the URLs webui pins)")
+    parser.add_argument("--controlnet-url", default=CONTROLNET_URL, help="where to clone sd-webui-controlnet from "
+                        "without shared/ (default: %(default)s)")
     parser.add_argument("--python", help="Python 3.10 or 3.11 for webui's venv (default: python3.11, python3.10)")
     parser.add_argument("--torch", default="torch==2.13.0 torchvision==0.28.0",
                         help="pip arguments for torch when webui is cloned, e.g. with your CUDA build's --index-url "
@@ -305,8 +310,8 @@ def main(argv: list[str] | None = None) -> int:
         cache.mkdir(parents=True, exist_ok=True)
         shared = find_shared(args.shared)
         python = python_for_webui(args.python)
-        webui = make_webui_tree(cache, shared)
-        controlnet = make_controlnet_tree(cache, shared)
+        webui = make_webui_tree(cache, shared, args.webui_url)
+        controlnet = make_controlnet_tree(cache, shared, args.controlnet_url)
         venv = make_venv(cache, webui, controlnet, shared, python, args.torch)
         link(webui / "venv", venv)
         hf_home = make_offline_data(cache, webui, shared) if shared is not None else None

@@ -6,7 +6,6 @@ nothing from webui. Those packages are loaded as ``sd_webui_onediff.*`` (see the
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import importlib.util
 import json
@@ -47,6 +46,7 @@ else:
     from sd_webui_onediff.compile import CompileOptions, cache_artifacts  # noqa: E402
     from sd_webui_onediff.compile.engine import CompiledUNet  # noqa: E402
     from sd_webui_onediff.compile.layers import PLAIN_FORWARDS  # noqa: E402
+    from sd_webui_onediff.compile.patching import patched  # noqa: E402
     from sd_webui_onediff.compile.registry import CompiledUNets  # noqa: E402
     from sd_webui_onediff.lora import FusedLoras, backup_copies, fits_on_gpu  # noqa: E402
 
@@ -228,7 +228,7 @@ class Generation:
 
     def describe(self) -> str:
         if self.failures():
-            return f"eager, compile failed: {self.failures()[0]}"
+            return f"eager, {self.failures()[0]}"
         if not self.bound:
             return ", ".join([*self.outcome, "not used"])
         new = [s for backend, count in self.compile_counts.items() for s in backend.stats.compile_seconds[count:]]
@@ -320,7 +320,6 @@ def back_up(layers) -> None:
     print(f"OneDiff: backed up the original weights of {len(backups)} LoRA-patched tensors in {place}")
 
 
-@contextlib.contextmanager
 def restoring_without_waiting(networks):
     """Webui restores each backup with a blocking copy; from page-locked memory the copies can queue on the stream
     (``FusedLoras.sync`` waits once at its end)."""
@@ -331,11 +330,7 @@ def restoring_without_waiting(networks):
             return blocking(owner, field, backup)
         getattr(owner, field).copy_(backup, non_blocking=True)
 
-    networks.restore_weights_backup = restore
-    try:
-        yield
-    finally:
-        networks.restore_weights_backup = blocking
+    return patched([(networks, "restore_weights_backup", restore)])
 
 
 class Script(scripts.Script):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import re
 import time
 from typing import Callable
 
@@ -19,7 +20,7 @@ from torch.utils._pytree import tree_map_only
 
 from . import regions
 from .attention import SdpaAttention, kernel_preference
-from .foreign_hooks import find_foreign_hooks, foreign_frame, foreign_hooks_reason
+from .foreign_hooks import find_foreign_hooks, foreign_frame, foreign_hooks_reason, short_path
 from .layers import plain_layers
 from .options import CompileOptions
 
@@ -212,9 +213,9 @@ def describe_compile_failure(error: BaseException, unet_class: type) -> str:
     first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
     if isinstance(error, torch._dynamo.exc.RecompileError):
         return (
-            f"the compiled UNet would be compiled again for inputs it was compiled for, because a value it reads "
-            f"changed ({value_recompile(error)}): code another extension put in the UNet's path changes from step to "
-            "step; turn that extension off for this generation to compile"
+            f"a value the compiled UNet reads changed between calls with inputs of the same shapes "
+            f"({value_recompile(error)}): code another extension put in the UNet's path changes from step to step, "
+            "which would compile again on every step; turn that extension off for this generation to compile"
         )
     if isinstance(error, torch._dynamo.exc.FailOnRecompileLimitHit):
         return (
@@ -236,6 +237,14 @@ def describe_compile_failure(error: BaseException, unet_class: type) -> str:
 
 
 def value_recompile(error: torch._dynamo.exc.RecompileError) -> str:
-    """The first guard that failed, from Dynamo's message (``- 0/3: G['th'].step == 2``, without the compile id)."""
+    """The first guard that failed, from Dynamo's message (``- 0/3: G['th'].step == 2  # <source>  # <file>:<line> in
+    <function>``), as ``G['th'].step == 2, read by <function> in <file>:<line>``."""
     failures = [line.strip()[2:] for line in str(error).splitlines() if line.strip().startswith("- ")]
-    return failures[0].split(": ", 1)[-1] if failures else str(error).strip().splitlines()[0]
+    if not failures:
+        return str(error).strip().splitlines()[0]
+    guard, *comments = (part.strip() for part in failures[0].split(": ", 1)[-1].split("#"))
+    location = re.fullmatch(r"(.+):(\d+) in (.+)", comments[-1]) if comments else None
+    if location is None:
+        return guard
+    filename, line, function = location.groups()
+    return f"{guard}, read by {function} in {short_path(filename)}:{line}"

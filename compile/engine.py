@@ -54,7 +54,9 @@ def call_signature(args, kwargs) -> tuple:
     described = tuple(
         (tuple(leaf.shape), leaf.dtype, leaf.device) if isinstance(leaf, torch.Tensor) else repr(leaf) for leaf in leaves
     )
-    autocast = torch.is_autocast_enabled(device_type) and torch.get_autocast_dtype(device_type)
+    autocast = torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type) and (
+        torch.get_autocast_dtype(device_type)
+    )
     return described, str(structure), torch.is_grad_enabled(), torch.is_inference_mode_enabled(), autocast
 
 
@@ -133,6 +135,7 @@ class CompiledUNet(torch.nn.Module):
         self._attention = SdpaAttention(unet, upcast=self.options.upcast_attention) if self.options.attention == "sdpa" else None
         self._regions = regions.region_classes(unet) if self.options.regional and regions.available() else []
         self._named_modules = list(unet.named_modules())
+        self._value_recompile_allowed = True
         # Kept out of nn.Module's registry: the compiled callable is not a submodule of its own wrapper.
         object.__setattr__(self, "_compiled", torch.compile(unet, backend=self.backend, fullgraph=True, dynamic=False))
 
@@ -149,6 +152,12 @@ class CompiledUNet(torch.nn.Module):
                 raise
             return getattr(self.eager, name)
 
+    def start_generation(self) -> None:
+        """Forgets the last generation's reason to run eagerly. Its first call may compile again where a value the
+        graph reads changed since the last generation (a setting); later calls may not (``forward``)."""
+        self.failure = None
+        self._value_recompile_allowed = True
+
     def run_eagerly(self, reason: str) -> None:
         """From now on every call runs the eager module; ``reason`` is shown to the user like a compile failure."""
         self.failure = reason
@@ -162,9 +171,11 @@ class CompiledUNet(torch.nn.Module):
             return self.eager(*args, **kwargs)
         graphs_before = self.stats.graphs_compiled
         signature = call_signature(args, kwargs)
+        compiled_before = signature in self.stats.call_signatures and not self._value_recompile_allowed
+        self._value_recompile_allowed = False
         started = time.perf_counter()
         try:
-            out = self._call_compiled(args, kwargs, compiled_before=signature in self.stats.call_signatures)
+            out = self._call_compiled(args, kwargs, compiled_before=compiled_before)
         except Exception as error:  # noqa: BLE001 -- only compile-time failures are absorbed, see below
             compiling = self.stats.graphs_compiled != graphs_before or isinstance(error, DYNAMO_ERRORS)
             if not compiling:
@@ -214,8 +225,9 @@ def describe_compile_failure(error: BaseException, unet_class: type) -> str:
     if isinstance(error, torch._dynamo.exc.RecompileError):
         return (
             f"a value the compiled UNet reads changed between calls with inputs of the same shapes "
-            f"({value_recompile(error)}): code another extension put in the UNet's path changes from step to step, "
-            "which would compile again on every step; turn that extension off for this generation to compile"
+            f"({value_recompile(error)}): code another extension put in the UNet's path depends on a value that changes "
+            "during a generation (a step counter?), which would compile again on every change; turn that extension off "
+            "for this generation to compile"
         )
     if isinstance(error, torch._dynamo.exc.FailOnRecompileLimitHit):
         return (

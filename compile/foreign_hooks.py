@@ -106,25 +106,28 @@ def foreign_hooks_reason(hooks: list[ForeignHook]) -> str:
     )
 
 
-def _frames(error: BaseException):
-    """The user-code frames an error passed through, outermost first: Dynamo's stack of the code it was tracing
-    (``real_stack``) and the traceback, along the chain of causes."""
+def _chain(error: BaseException):
     seen = set()
     while error is not None and id(error) not in seen:
         seen.add(id(error))
-        yield from getattr(error, "real_stack", None) or ()
-        yield from traceback.extract_tb(error.__traceback__)
+        yield error
         error = getattr(error, "inner_exception", None) or error.__cause__ or error.__context__
 
 
 def foreign_frame(error: BaseException, unet_class: type) -> str | None:
-    """Where tracing left the UNet's own code for other code and failed there: ``"free_u_cat in freeu/unet.py:42"``,
-    or None when the error never passed through other code. The outermost such frame: the patch itself, not a library
-    it calls."""
-    package = sys.modules[unet_class.__module__.split(".")[0]]
-    own = (*_NOT_FOREIGN_DIRS, str(Path(package.__file__).resolve().parent))
-    for frame in _frames(error):
-        filename = str(Path(frame.filename).resolve())
-        if not filename.startswith(own) and not frame.filename.startswith("<"):
-            return f"{frame.name} in {short_path(frame.filename)}:{frame.lineno}"
+    """Where tracing failed, when that was in code outside the UNet's own (``"stepped_cat in freeu/unet.py:42"``), or
+    None. The innermost frame of the first error along the chain of causes that has a stack (Dynamo's ``real_stack`` of
+    the code it traced, then the traceback), libraries left out: the patch that failed, not a library it called. A
+    failure of the compiler itself, after tracing, is in no traced code."""
+    if isinstance(error, torch._dynamo.exc.BackendCompilerFailed):
+        return None
+    package = sys.modules[unet_class.__module__.split(".")[0]]  # webui's ldm and sgm are namespace packages
+    unet_dirs = tuple(str(Path(path).resolve()) for path in package.__path__)
+    for cause in _chain(error):
+        frames = [*(getattr(cause, "real_stack", None) or ()), *traceback.extract_tb(cause.__traceback__)]
+        frames = [(frame, str(Path(frame.filename).resolve())) for frame in frames if not frame.filename.startswith("<")]
+        user = [(frame, filename) for frame, filename in frames if not filename.startswith(_NOT_FOREIGN_DIRS)]
+        if user:
+            frame, filename = user[-1]
+            return None if filename.startswith(unet_dirs) else f"{frame.name} in {short_path(frame.filename)}:{frame.lineno}"
     return None

@@ -72,6 +72,10 @@ class SdpaAttention:
     def __len__(self) -> int:
         return len(self._forwards)
 
+    @property
+    def classes(self) -> list[type]:
+        return list(dict.fromkeys(type(module) for module, _ in self._forwards))
+
     def installed(self) -> contextlib.AbstractContextManager:
         """Whatever instance ``forward`` a module had (another extension's wrapper) is put back afterwards, untouched."""
         return patched((module, "forward", forward) for module, forward in self._forwards)

@@ -20,8 +20,8 @@ from torch.utils._pytree import tree_map_only
 
 from . import regions
 from .attention import SdpaAttention, kernel_preference
-from .foreign_hooks import find_foreign_hooks, foreign_frame, foreign_hooks_reason, short_path
-from .layers import plain_layers
+from .foreign_hooks import find_class_forwards, find_foreign_hooks, foreign_frame, foreign_hooks_reason, short_path
+from .layers import PLAIN_FORWARDS, plain_layers
 from .options import CompileOptions
 
 log = logging.getLogger(__name__)
@@ -130,11 +130,16 @@ class CompiledUNet(torch.nn.Module):
         up to date."""
         self.before_call: Callable[[], None] | None = None
         """Called at the start of every call, e.g. to fuse weights that must be in place before the graph reads them."""
+        self.expected_class_forwards: frozenset[str] = frozenset()
+        """Modules whose class-level forwards on the attention and layer classes this engine swaps during compiled calls
+        the swap stands for (webui's attention optimizations, its Lora); any other makes the call eager
+        (``foreign_hooks``)."""
         if self.options.channels_last:
             convert_convolutions_to_channels_last(unet)
         self._attention = SdpaAttention(unet, upcast=self.options.upcast_attention) if self.options.attention == "sdpa" else None
         self._regions = regions.region_classes(unet) if self.options.regional and regions.available() else []
         self._named_modules = list(unet.named_modules())
+        self._swapped_classes = [*(self._attention.classes if self._attention else ()), *PLAIN_FORWARDS]
         self._value_recompile_allowed = True
         # Kept out of nn.Module's registry: the compiled callable is not a submodule of its own wrapper.
         object.__setattr__(self, "_compiled", torch.compile(unet, backend=self.backend, fullgraph=True, dynamic=False))
@@ -193,7 +198,8 @@ class CompiledUNet(torch.nn.Module):
 
     def _refuse_foreign_hooks(self) -> None:
         """Checked on every call: extensions install hooks when a generation starts, or between steps."""
-        hooks = find_foreign_hooks(self._named_modules)
+        hooks = find_class_forwards(self._swapped_classes, self.expected_class_forwards)
+        hooks += find_foreign_hooks(self._named_modules)
         if hooks:
             self.run_eagerly(foreign_hooks_reason(hooks))
             log.warning("OneDiff: running the UNet eagerly: %s", self.failure)

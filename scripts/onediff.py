@@ -60,6 +60,13 @@ LORA_BACKUP_PLACES = {
     "GPU memory": True,
     "CPU memory": False,
 }
+SWAPPED_FORWARDS = frozenset({
+    "modules.sd_hijack_optimizations",  # "Cross attention optimization": the compiled graph runs SDPA instead
+    "modules.hypernetworks.hypernetwork",  # webui's attention forward when that setting is "None"
+    "networks",  # builtin Lora's layer forwards: its networks are fused into the weights instead
+})
+"""Where the class-level forwards come from that the compiled UNet replaces on purpose during its calls; another
+extension's replacement of those classes' forwards makes the generation eager, with the reason."""
 SUPPORTED_UNETS = {
     "ldm.modules.diffusionmodules.openaimodel.UNetModel",  # SD1.x, SD2.x, inpainting
     "sgm.modules.diffusionmodules.openaimodel.UNetModel",  # SDXL base, refiner, SSD-1B
@@ -215,6 +222,7 @@ class Generation:
         print(f"OneDiff: {lookup.how} compiled UNet {type(unet).__module__}.{type(unet).__qualname__} for {name}")
         self.compile_counts.setdefault(lookup.compiled.backend, len(lookup.compiled.stats.compile_seconds))
         lookup.compiled.before_call = lora_fusing(self.p, unet, lookup.compiled)
+        lookup.compiled.expected_class_forwards = SWAPPED_FORWARDS
         model.diffusion_model = lookup.compiled
         self.bound.append((model, unet, lookup))
         self.update_infotext()

@@ -97,14 +97,14 @@ def test_attention_substitution_leaves_instance_forwards_of_other_extensions(une
 
 
 def test_every_kind_of_hook_is_found_and_named(unet):
-    assert find_foreign_hooks(unet.named_modules()) == []
+    assert find_foreign_hooks(list(unet.named_modules())) == []
     ip_adapter_like(unet.get_submodule(ATTN2))
     hypertile_like(unet.get_submodule(ATTN1), random.Random(0))
     unet.middle_block.register_forward_hook(lambda module, args, out: None)
     unet.output_blocks[0].register_forward_pre_hook(functools.partial(lambda tag, module, args: None, "tag"))
     handle = torch.nn.modules.module.register_module_forward_hook(lambda module, args, out: None)
     try:
-        found = [str(hook) for hook in find_foreign_hooks(unet.named_modules())]
+        found = [str(hook) for hook in find_foreign_hooks(list(unet.named_modules()))]
     finally:
         handle.remove()
     assert found == [
@@ -207,3 +207,29 @@ def test_a_compile_failure_in_other_code_names_it(unet, inputs, failing, traced_
     assert torch.equal(compiled(*args, **kwargs), unet(*args, **kwargs))
     assert compiled.failure.startswith("compile failed in patched_block_forward in tests/test_foreign_hooks.py:"), \
         compiled.failure
+
+
+@torch.no_grad()
+def test_a_class_level_forward_the_engine_would_swap_out_runs_eagerly(unet, inputs, traced_graphs, monkeypatch):
+    """The engine swaps the attention and layer forwards during compiled calls; another extension's class-level forward
+    there would be skipped, unless it is one the swap stands for (webui's attention optimizations, its Lora)."""
+    from ldm.modules.attention import CrossAttention
+
+    original = CrossAttention.forward
+
+    def scaled_attention(self, x, context=None, mask=None, **kwargs):
+        return 2 * original(self, x, context, mask, **kwargs)
+
+    monkeypatch.setattr(CrossAttention, "forward", scaled_attention)
+    args, kwargs = inputs
+    compiled = CompiledUNet(unet)
+    assert torch.equal(compiled(*args, **kwargs), unet(*args, **kwargs))
+    assert compiled.failure.startswith(
+        "a class-level forward on ldm.modules.attention.CrossAttention (test_a_class_level_forward_the_engine_would_swap_"
+        "out_runs_eagerly.<locals>.scaled_attention in tests/test_foreign_hooks.py)"
+    ), compiled.failure
+
+    compiled = CompiledUNet(unet)
+    compiled.expected_class_forwards = frozenset({__name__})
+    compiled(*args, **kwargs)
+    assert compiled.failure is None and len(traced_graphs) == 1

@@ -98,8 +98,9 @@ class CompiledUNet(torch.nn.Module):
 
     A call that has to compile and fails (a graph break, an Inductor or Triton error) does not raise: it runs the eager
     module, and ``failure`` holds the reason, which callers must show to the user; every later call runs eagerly too.
-    So does a call that finds another extension's hook on the UNet (``foreign_hooks``), or that would compile again
-    for inputs of a shape already compiled (a value the traced code reads changed: it would recompile on every step).
+    So does a call that finds another extension's hook on the UNet (``foreign_hooks``), or that would compile again,
+    after the first call of a generation, for inputs like those of an earlier compiled call (a value the traced code
+    reads changed: a step counter would make it compile on every step).
     """
 
     def __init__(

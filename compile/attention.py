@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import contextlib
 import types
-from typing import Iterator
 
 import torch
 import torch.nn.functional as F
+
+from .patching import patched
 
 ATTENTION_CLASS_NAMES = frozenset({"CrossAttention", "MemoryEfficientCrossAttention"})
 
@@ -71,12 +72,10 @@ class SdpaAttention:
     def __len__(self) -> int:
         return len(self._forwards)
 
-    @contextlib.contextmanager
-    def installed(self) -> Iterator[None]:
-        for module, forward in self._forwards:
-            module.forward = forward
-        try:
-            yield
-        finally:
-            for module, _ in self._forwards:
-                module.__dict__.pop("forward", None)
+    @property
+    def classes(self) -> list[type]:
+        return list(dict.fromkeys(type(module) for module, _ in self._forwards))
+
+    def installed(self) -> contextlib.AbstractContextManager:
+        """Whatever instance ``forward`` a module had (another extension's wrapper) is put back afterwards, untouched."""
+        return patched((module, "forward", forward) for module, forward in self._forwards)

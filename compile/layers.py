@@ -8,10 +8,11 @@ that bookkeeping would turn every LoRA change into a recompile, or break the gra
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
 
 import torch
 import torch.nn.functional as F
+
+from .patching import patched
 
 
 def linear_forward(self, input):
@@ -38,15 +39,7 @@ PLAIN_FORWARDS = {
 }
 
 
-@contextlib.contextmanager
-def plain_layers() -> Iterator[None]:
+def plain_layers() -> contextlib.AbstractContextManager:
     """Class-level, for the duration of one compiled call: subclasses such as ldm's ``GroupNorm32`` reach the layer
     through ``super().forward``, which an instance attribute cannot intercept. Webui runs one generation at a time."""
-    previous = {layer: layer.__dict__["forward"] for layer in PLAIN_FORWARDS}
-    for layer, forward in PLAIN_FORWARDS.items():
-        layer.forward = forward
-    try:
-        yield
-    finally:
-        for layer, forward in previous.items():
-            layer.forward = forward
+    return patched((layer, "forward", forward) for layer, forward in PLAIN_FORWARDS.items())

@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
+
+from .patching import patched
 
 REGION_CLASS_NAMES = frozenset({
     "BasicTransformerBlock",  # ldm, sgm and diffusers: attention, cross-attention and feed-forward
@@ -46,23 +48,16 @@ def _mark(forward: Callable) -> Callable:
     return torch.compiler.nested_compile_region(forward)
 
 
-@contextlib.contextmanager
-def compiled_once(classes: list[type]) -> Iterator[None]:
+def _marked_forward(cls: type) -> Callable:
+    forward = cls.forward
+    if forward not in _marked:
+        _marked[forward] = _mark(forward)
+    return _marked[forward]
+
+
+def compiled_once(classes: list[type]) -> contextlib.AbstractContextManager:
     """For the duration of one compiled call, marks ``forward`` of each class as a nested compile region.
 
     Class-level, as webui patches these classes itself; outside compiled calls the classes are exactly as they were.
     """
-    previous = {cls: cls.__dict__.get("forward") for cls in classes}
-    for cls in classes:
-        forward = cls.forward
-        if forward not in _marked:
-            _marked[forward] = _mark(forward)
-        cls.forward = _marked[forward]
-    try:
-        yield
-    finally:
-        for cls, forward in previous.items():
-            if forward is None:
-                del cls.forward
-            else:
-                cls.forward = forward
+    return patched((cls, "forward", _marked_forward(cls)) for cls in classes)

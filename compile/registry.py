@@ -59,7 +59,7 @@ class CompiledUNets:
         entry.on_compile_start = on_compile_start
         entry.on_compile_end = on_compile_end
         entry.before_call = None
-        entry.failure = None
+        entry.start_generation()
         return Lookup(entry, how)
 
     def clear(self) -> None:

@@ -1,7 +1,9 @@
 """Structure keys: one compiled graph serves every UNet with the same key.
 
 The key covers what a compiled graph depends on and nothing it reads at run time: the module tree (each submodule's
-path, class and plain hyperparameters such as ``heads`` or ``in_channels``) and every parameter's and buffer's name,
+path, class and the plain hyperparameters its class's constructor sets, such as ``heads`` or ``in_channels``; not
+attributes other code leaves on a module later, as ControlNet's ``current_sampling_percent`` on the UNet or webui's Lora
+bookkeeping on its layers, which the graph's guards check where it reads them) and every parameter's and buffer's name,
 shape, dtype and device. Memory layout is left out on purpose: the engine itself turns convolution weights to
 channels-last, and a layout change is caught by the graph's own guards. Weight *values* are not part of it: the graph
 reads them from the parameter buffers on every call, so another checkpoint of the same architecture, copied into the
@@ -9,14 +11,15 @@ same buffers, reuses the graph.
 """
 from __future__ import annotations
 
+import ast
+import functools
 import hashlib
+import inspect
+import textwrap
 
 import torch
 
 _PLAIN_TYPES = (bool, int, float, str, type(None))
-BOOKKEEPING_PREFIX = "network_"
-"""webui's builtin Lora extension keeps its per-layer state in such attributes (``network_current_names``,
-``network_weights_backup``, ...); it changes whenever the active LoRAs do, and the compiled graph never reads it."""
 
 
 def _plain_value(value):
@@ -29,13 +32,40 @@ def _plain_value(value):
     return None
 
 
+@functools.cache
+def constructor_attributes(cls: type) -> frozenset[str] | None:
+    """Names the constructors of ``cls`` and its bases assign as ``self.<name> = ...``; None when a constructor's source
+    cannot be read (then every plain attribute counts)."""
+    names = set()
+    for klass in cls.__mro__:
+        init = vars(klass).get("__init__")
+        if not inspect.isfunction(init):
+            continue
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(init)))
+        except (OSError, TypeError, SyntaxError):
+            return None
+        arguments = tree.body[0].args.args
+        if not arguments:
+            continue
+        this = arguments[0].arg
+        names.update(
+            node.attr for node in ast.walk(tree)
+            if isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store)
+            and isinstance(node.value, ast.Name) and node.value.id == this
+        )
+    return frozenset(names)
+
+
 def _module_lines(unet: torch.nn.Module):
     for path, module in unet.named_modules():
         kind = f"{type(module).__module__}.{type(module).__qualname__}"
+        own = constructor_attributes(type(module))
         attributes = sorted(
             (name, _plain_value(value))
             for name, value in vars(module).items()
-            if not name.startswith(("_", BOOKKEEPING_PREFIX)) and name != "training" and _plain_value(value) is not None
+            if not name.startswith("_") and name != "training" and (own is None or name in own)
+            and _plain_value(value) is not None
         )
         yield f"module {path} {kind} {attributes}"
 

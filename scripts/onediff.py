@@ -6,7 +6,6 @@ nothing from webui. Those packages are loaded as ``sd_webui_onediff.*`` (see the
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import importlib.util
 import json
@@ -47,6 +46,7 @@ else:
     from sd_webui_onediff.compile import CompileOptions, cache_artifacts  # noqa: E402
     from sd_webui_onediff.compile.engine import CompiledUNet  # noqa: E402
     from sd_webui_onediff.compile.layers import PLAIN_FORWARDS  # noqa: E402
+    from sd_webui_onediff.compile.patching import patched  # noqa: E402
     from sd_webui_onediff.compile.registry import CompiledUNets  # noqa: E402
     from sd_webui_onediff.lora import FusedLoras, backup_copies, fits_on_gpu  # noqa: E402
 
@@ -60,6 +60,13 @@ LORA_BACKUP_PLACES = {
     "GPU memory": True,
     "CPU memory": False,
 }
+SWAPPED_FORWARDS = frozenset({
+    "modules.sd_hijack_optimizations",  # "Cross attention optimization": the compiled graph runs SDPA instead
+    "modules.hypernetworks.hypernetwork",  # webui's attention forward when that setting is "None"
+    "networks",  # builtin Lora's layer forwards: its networks are fused into the weights instead
+})
+"""Where the class-level forwards come from that the compiled UNet replaces on purpose during its calls; another
+extension's replacement of those classes' forwards makes the generation eager, with the reason."""
 SUPPORTED_UNETS = {
     "ldm.modules.diffusionmodules.openaimodel.UNetModel",  # SD1.x, SD2.x, inpainting
     "sgm.modules.diffusionmodules.openaimodel.UNetModel",  # SDXL base, refiner, SSD-1B
@@ -215,6 +222,7 @@ class Generation:
         print(f"OneDiff: {lookup.how} compiled UNet {type(unet).__module__}.{type(unet).__qualname__} for {name}")
         self.compile_counts.setdefault(lookup.compiled.backend, len(lookup.compiled.stats.compile_seconds))
         lookup.compiled.before_call = lora_fusing(self.p, unet, lookup.compiled)
+        lookup.compiled.expected_class_forwards = SWAPPED_FORWARDS
         model.diffusion_model = lookup.compiled
         self.bound.append((model, unet, lookup))
         self.update_infotext()
@@ -228,7 +236,7 @@ class Generation:
 
     def describe(self) -> str:
         if self.failures():
-            return f"eager, compile failed: {self.failures()[0]}"
+            return f"eager, {self.failures()[0]}"
         if not self.bound:
             return ", ".join([*self.outcome, "not used"])
         new = [s for backend, count in self.compile_counts.items() for s in backend.stats.compile_seconds[count:]]
@@ -320,7 +328,6 @@ def back_up(layers) -> None:
     print(f"OneDiff: backed up the original weights of {len(backups)} LoRA-patched tensors in {place}")
 
 
-@contextlib.contextmanager
 def restoring_without_waiting(networks):
     """Webui restores each backup with a blocking copy; from page-locked memory the copies can queue on the stream
     (``FusedLoras.sync`` waits once at its end)."""
@@ -331,11 +338,7 @@ def restoring_without_waiting(networks):
             return blocking(owner, field, backup)
         getattr(owner, field).copy_(backup, non_blocking=True)
 
-    networks.restore_weights_backup = restore
-    try:
-        yield
-    finally:
-        networks.restore_weights_backup = blocking
+    return patched([(networks, "restore_weights_backup", restore)])
 
 
 class Script(scripts.Script):

@@ -86,15 +86,16 @@ def test_weights_copied_in_place_change_the_output_without_recompiling(sd15):
 
 
 @torch.no_grad()
-def test_a_compile_failure_runs_eagerly_and_says_why():
+def test_running_eagerly_says_why_once():
+    """Here for a forward pre-hook, which the engine never traces (``compile/foreign_hooks.py``)."""
     unet = arch.sd_unet(arch.SD15_TINY, seed=4)
-    unet.middle_block.register_forward_pre_hook(lambda module, args: torch._dynamo.graph_break())
+    unet.middle_block.register_forward_pre_hook(lambda module, args: None)
     ended = []
     compiled = CompiledUNet(unet, CompileOptions(), on_compile_end=lambda: ended.append(compiled.failure))
     args, kwargs = arch.sd_inputs(arch.SD15_TINY, tokens=7)
-    out = compiled(*args, **kwargs)
-    assert torch.equal(out, unet(*args, **kwargs))
-    assert "cannot be captured in one graph" in compiled.failure
+    for _ in range(2):
+        assert torch.equal(compiled(*args, **kwargs), unet(*args, **kwargs))
+    assert compiled.failure.startswith("a forward pre-hook on middle_block")
     assert ended == [compiled.failure]
 
 
@@ -118,6 +119,7 @@ def test_class_level_layer_patches_are_not_traced(sd15):
         return unpatched(self, input)
 
     torch.nn.Linear.forward = lora_like_forward
+    compiled.expected_class_forwards = frozenset({__name__})  # the module of webui's Lora, as the adapter names it
     try:
         out = compiled(*args, **kwargs)
         assert torch.nn.Linear.forward is lora_like_forward, "the class patch must be back after the call"

@@ -28,3 +28,17 @@ def test_layout_is_not_part_of_the_key():
         if isinstance(module, torch.nn.Conv2d):
             module.weight.data = module.weight.data.contiguous(memory_format=torch.channels_last)
     assert structure_key(unet) == before
+
+
+def test_attributes_other_extensions_leave_do_not_change_the_key():
+    """ControlNet leaves these on the UNet, reference-only on the blocks, webui's Lora on the layers; a hyperparameter
+    the constructor set still counts."""
+    unet = arch.sd_unet(arch.SD15_TINY)
+    before = structure_key(unet)
+    unet.current_sampling_percent, unet.current_h_shape, unet.is_in_high_res_fix = 0.4, (2, 4, 8, 8), False
+    for block in unet.output_blocks:
+        block.attn_weight, block.gn_weight, block.bank = 1.0, 0.5, []
+    unet.input_blocks[0][0].network_current_names = ()
+    assert structure_key(unet) == before
+    unet.middle_block[1].transformer_blocks[0].attn1.heads = 4
+    assert structure_key(unet) != before

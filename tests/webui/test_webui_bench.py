@@ -51,3 +51,25 @@ def test_session_counts_compiles(sd15, tmp_path):
     assert graphs[1] == "reused" and graphs[3] == "reused", graphs
     assert graphs[2].count("compiled in") == 1, graphs
     assert rows[-1]["compiles"] == 1 and "compiles over 4 requests: 1" in out, out
+
+
+def test_soak_mixes_requests_and_checks_them(sd15, tmp_path):
+    """A short soak: SD1.5 and SDXL, hires fix, LoRA, refiner; no failure, no eager fallback, images equal to eager's,
+    no compile for a shape seen before, and the table and JSON rows say so."""
+    models = sd15.data_dir / "models" / "Stable-diffusion"
+    if not (models / "tiny-sdxl-b.safetensors").exists():  # the soak's second SDXL (its refiner)
+        subprocess.run([sd15.python, str(REPO_ROOT / "tests" / "webui" / "checkpoints.py"), str(models),
+                        "--config", str(REPO_ROOT / "tests" / "webui" / "configs" / "tiny-sdxl.yaml"),
+                        "--name", "tiny-sdxl-b", "--seed", "4"], env=sd15.env(), check=True, capture_output=True,
+                       timeout=300)
+        sd15.post("/sdapi/v1/refresh-checkpoints").raise_for_status()
+    one_size = "64x64,64x64,64x64"  # one shape per architecture keeps the CPU's compiles to at most two
+    out, rows = run_bench(sd15, tmp_path, "soak", "--models", "tiny", "--count", "14", "--compare-every", "7",
+                          "--sizes-sd15", one_size, "--sizes-sdxl", one_size)
+    requests = [row for row in rows if row["bench"] == "soak"]
+    summary = rows[-1]
+    assert len(requests) == 14 and {row["checkpoint"] for row in requests} == {"tiny-sd15-a", "tiny-sdxl"}, requests
+    assert {"LoRA", "refiner tiny-sdxl-b", "hires 64x64 -> 64x64"} <= {row["what"] for row in requests}, requests
+    assert summary["failed"] == 0 and summary["eager fallbacks"] == 0 and summary["compared"] == 2, summary
+    assert summary["unequal images"] == 0 and summary["compiles on seen shapes"] == 0, summary
+    assert summary["ok"] and "| all checks | PASS |" in out, out

@@ -15,8 +15,9 @@ v1.1.455 without its sample data, the offline Hugging Face files (``hf_home``) a
 beyond the GPU image's packages. ``run`` installs the wheels into ``/tmp/kit-work/site``, lays out a writable webui
 there, makes ``/tmp/kit-work/python`` (the image's python with the wheels in front of its own packages) and exports
 what ``tests/webui/webui_harness.py`` reads (``SD_WEBUI_PATH``, ``SD_WEBUI_PYTHON``, ``SD_WEBUI_OFFLINE``,
-``SD_WEBUI_GPU``, ``SD_WEBUI_CONTROLNET`` with ``--controlnet``), then runs each CMD with ``bash -c``; it exits with
-the first failing CMD's status.
+``SD_WEBUI_GPU``, ``SD_WEBUI_CONTROLNET`` with ``--controlnet``) and ``SD_WEBUI_MODEL_CACHE`` (bench/webui_start.py
+builds full-size checkpoints there once: a later call on the same warm machine reuses them), then runs each CMD with
+``bash -c``; it exits with the first failing CMD's status.
 
 Which packages travel, and why the image's others are kept: see ``WHEELS``.
 """
@@ -175,7 +176,8 @@ def lay_out(work: Path, controlnet: bool) -> dict[str, str]:
     python.write_text(f'#!/bin/sh\nPYTHONPATH={site}${{PYTHONPATH:+:$PYTHONPATH}} exec {sys.executable} "$@"\n')
     python.chmod(0o755)
     env = {**os.environ, "SD_WEBUI_PATH": str(work / "webui"), "SD_WEBUI_PYTHON": str(python),
-           "SD_WEBUI_OFFLINE": str(work / "offline"), "ONEDIFF_REQUIRE_WEBUI": "1",
+           "SD_WEBUI_OFFLINE": str(work / "offline"), "SD_WEBUI_MODEL_CACHE": str(work / "models"),
+           "ONEDIFF_REQUIRE_WEBUI": "1",
            "HF_HOME": str(work / "offline" / "hf_home"), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            "HF_DATASETS_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False", "DO_NOT_TRACK": "1"}
     env.pop("SD_WEBUI_CONTROLNET", None)

@@ -50,18 +50,19 @@ def round_plan(chosen: dict, round_number: int, steps: int) -> list[dict]:
             base = {"steps": steps, "seed": 1000 + round_number, "prompt": "a photo of a cat, highly detailed"}
             refiner = {"refiner_checkpoint": other, "refiner_switch_at": 0.6}
             at_small = {**base, "width": small[0], "height": small[1]}
-            requests = [(f"{w}x{h}", {**base, "width": w, "height": h}, [(w, h)]) for w, h in sizes]
+            requests = [(f"{w}x{h}", "plain", {**base, "width": w, "height": h}, [(w, h)]) for w, h in sizes]
             requests += [
-                (f"hires {small[0]}x{small[1]} -> {large[0]}x{large[1]}",
+                (f"hires {small[0]}x{small[1]} -> {large[0]}x{large[1]}", "hires fix",
                  {**at_small, "enable_hr": True, "hr_resize_x": large[0], "hr_resize_y": large[1],
                   "hr_upscaler": "Latent", "denoising_strength": 0.6, "hr_second_pass_steps": max(1, steps // 2)},
                  [small, large]),
-                ("LoRA", {**at_small, "prompt": base["prompt"] + lora}, [small]),
-                (f"refiner {other}", {**at_small, **refiner}, [small]),
-                (f"LoRA + refiner {other}", {**at_small, **refiner, "prompt": base["prompt"] + lora}, [small]),
+                ("LoRA", "LoRA", {**at_small, "prompt": base["prompt"] + lora}, [small]),
+                (f"refiner {other}", "refiner", {**at_small, **refiner}, [small]),
+                (f"LoRA + refiner {other}", "LoRA + refiner", {**at_small, **refiner, "prompt": base["prompt"] + lora},
+                 [small]),
             ]
-            plan += [{"checkpoint": checkpoint, "arch": arch, "what": what, "payload": payload,
-                      "shapes": {(arch, *shape) for shape in shapes}} for what, payload, shapes in requests]
+            plan += [{"checkpoint": checkpoint, "arch": arch, "what": what, "kind": kind, "payload": payload,
+                      "shapes": {(arch, *shape) for shape in shapes}} for what, kind, payload, shapes in requests]
     return plan
 
 
@@ -106,7 +107,7 @@ def soak(ui, args, started=None, compare=None, outcome_of=None) -> list[dict]:
                 break
             number += 1
             row = {"bench": "soak", "request": number, "round": round_number, "checkpoint": request["checkpoint"],
-                   "what": request["what"]}
+                   "arch": request["arch"], "what": request["what"], "kind": request["kind"]}
             before = compile_starts(started)
             new_shapes = request["shapes"] - seen
             seen |= request["shapes"]
@@ -167,10 +168,10 @@ def print_tables(rows: list[dict], rounds: list[dict], summary: dict, key: str |
     kinds: dict[str, list[float]] = {}
     for row in rows:
         if "s" in row and not row.get("compiles"):
-            kinds.setdefault(row["what"].split(" ")[0], []).append(row["s"])
-    print("\n| request kind (without compiles) | count | mean s |\n|---|---|---|")
-    for what, times in kinds.items():
-        print(f"| {what} | {len(times)} | {sum(times) / len(times):.2f} |")
+            kinds.setdefault(f"{row['arch']} {row['kind']}", []).append(row["s"])
+    print("\n| request kind (those without a compile) | count | mean s |\n|---|---|---|")
+    for kind, times in kinds.items():
+        print(f"| {kind} | {len(times)} | {sum(times) / len(times):.2f} |")
     growth = summary["memory growth"]
     print(f"\n| soak check | value |\n|---|---|\n| requests (rounds) | {summary['requests']} ({summary['rounds']}) |\n"
           f"| failed requests | {summary['failed']} |\n| eager fallbacks | {summary['eager fallbacks']} |\n"

@@ -54,7 +54,7 @@ def build_commands(ui, names: set[str], full: bool, folder: Path) -> list[tuple[
                                                             out=str(out), seed=seed, rank=LORA_RANK)]
         else:
             continue
-        if not out.exists():
+        if not out.with_suffix(".done").exists():  # a build cut short leaves no marker
             commands.append((out, command))
     return commands
 
@@ -74,6 +74,7 @@ def wait_builds(running: list[tuple[Path, subprocess.Popen]]) -> None:
     for out, process in running:
         if process.wait() != 0:
             raise SystemExit(f"building {out.name} failed:\n{out.with_suffix('.log').read_text()[-4000:]}")
+        out.with_suffix(".done").write_text("")
 
 
 def link_models(folder: Path, data_dir: Path) -> None:

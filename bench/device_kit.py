@@ -45,6 +45,7 @@ WHEELS = (
     "spandrel==0.3.4", "spandrel-extra-arches==0.1.1", "tomesd==0.1.3", "torchsde==0.2.6", "trampoline==0.1.2",
     "pillow-avif-plugin==1.6.0", "facexlib==0.3.0", "filterpy==2.0.0",
     "clean-fid==0.1.35", "clip-anytorch==2.6.0",  # k-diffusion imports both (the latter: openai CLIP from PyPI)
+    "controlnet-aux==0.0.10", "importlib-metadata==8.7.0",  # sd-webui-controlnet's main script imports the first
     "pytz==2026.6",  # webui imports it; the image has pandas without it
     "pytorch-lightning==1.9.4",  # the image's 2.x lacks utilities.distributed, which ldm imports before webui aliases it
     # the UI and API stack: gradio 3.41.2 with fastapi 0.94 / starlette 0.26 / pydantic 1 (ControlNet wants <= 1.10.17)

@@ -91,9 +91,10 @@ def start_webui(kind: str, names: set[str]):
     """A started harness webui with the models ``names`` lists; the caller stops it (``.stop()``)."""
     started = time.perf_counter()
     base = Path(tempfile.mkdtemp(prefix="webui-bench-"))
-    extra_args = ["--opt-sdp-attention"] if on_gpu() else []
-    ui = webui_harness.make_webui(base, extra_args=extra_args)  # builds the tiny models
     full = kind == "full"
+    # --no-hashing: webui would read every full-size checkpoint through once more (sha256) on its first load
+    extra_args = (["--opt-sdp-attention"] if on_gpu() else []) + (["--no-hashing"] if full else [])
+    ui = webui_harness.make_webui(base, extra_args=extra_args)  # builds the tiny models
     folder = Path(os.environ.get("SD_WEBUI_MODEL_CACHE") or base / "built") if full else ui.data_dir / "models"
     running = start_builds(ui, build_commands(ui, names, full, folder))
     print(f"webui_bench: building {len(running)} model(s) while webui starts", flush=True)

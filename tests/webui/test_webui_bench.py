@@ -54,22 +54,16 @@ def test_session_counts_compiles(sd15, tmp_path):
 
 
 def test_soak_mixes_requests_and_checks_them(sd15, tmp_path):
-    """A short soak: SD1.5 and SDXL, hires fix, LoRA, refiner; no failure, no eager fallback, images equal to eager's,
-    no compile for a shape seen before, and the table and JSON rows say so."""
-    models = sd15.data_dir / "models" / "Stable-diffusion"
-    if not (models / "tiny-sdxl-b.safetensors").exists():  # the soak's second SDXL (its refiner)
-        subprocess.run([sd15.python, str(REPO_ROOT / "tests" / "webui" / "checkpoints.py"), str(models),
-                        "--config", str(REPO_ROOT / "tests" / "webui" / "configs" / "tiny-sdxl.yaml"),
-                        "--name", "tiny-sdxl-b", "--seed", "4"], env=sd15.env(), check=True, capture_output=True,
-                       timeout=300)
-        sd15.post("/sdapi/v1/refresh-checkpoints").raise_for_status()
-    one_size = "64x64,64x64,64x64"  # one shape per architecture keeps the CPU's compiles to at most two
-    out, rows = run_bench(sd15, tmp_path, "soak", "--models", "tiny", "--count", "14", "--compare-every", "7",
+    """A short soak (one checkpoint's share of a round: three sizes, hires fix, LoRA on and off, refiner, LoRA with
+    refiner): no failure, no eager fallback, the compared image equal to eager's, no compile for a shape seen before,
+    and the table and JSON rows say so. The GPU run does the 200 requests (README)."""
+    one_size = "64x64,64x64,64x64"  # one shape per architecture: at most one compile on the CPU
+    out, rows = run_bench(sd15, tmp_path, "soak", "--models", "tiny", "--count", "7", "--compare-every", "7",
                           "--sizes-sd15", one_size, "--sizes-sdxl", one_size)
     requests = [row for row in rows if row["bench"] == "soak"]
     summary = rows[-1]
-    assert len(requests) == 14 and {row["checkpoint"] for row in requests} == {"tiny-sd15-a", "tiny-sdxl"}, requests
-    assert {"LoRA", "refiner tiny-sdxl-b", "hires 64x64 -> 64x64"} <= {row["what"] for row in requests}, requests
-    assert summary["failed"] == 0 and summary["eager fallbacks"] == 0 and summary["compared"] == 2, summary
+    assert [row["kind"] for row in requests] == ["plain"] * 3 + ["hires fix", "LoRA", "refiner", "LoRA + refiner"]
+    assert {row["checkpoint"] for row in requests} == {"tiny-sd15-a"}, requests
+    assert summary["failed"] == 0 and summary["eager fallbacks"] == 0 and summary["compared"] == 1, summary
     assert summary["unequal images"] == 0 and summary["compiles on seen shapes"] == 0, summary
     assert summary["ok"] and "| all checks | PASS |" in out, out

@@ -248,7 +248,7 @@ def soak(ui: WebUI, args, started=None) -> list[dict]:
     import webui_soak
     import webui_start
 
-    harness = webui_start.webui_harness
+    harness = webui_start.harness()
 
     def compare(payload: dict) -> tuple[float, int]:
         return harness.difference(ui.image(True, **payload), ui.image(False, **payload))

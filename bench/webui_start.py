@@ -18,8 +18,6 @@ import time
 from pathlib import Path
 
 HARNESS_DIR = Path(__file__).resolve().parents[1] / "tests" / "webui"
-sys.path.insert(0, str(HARNESS_DIR))
-import webui_harness  # noqa: E402
 
 SD15_CONFIG = "configs/v1-inference.yaml"
 SDXL_CONFIG = "repositories/generative-models/configs/inference/sd_xl_base.yaml"
@@ -31,6 +29,15 @@ LORA_RANK = 16
 TINY_EXTRA = {"tiny-sdxl-b": (str(HARNESS_DIR / "configs" / "tiny-sdxl.yaml"), 4)}
 LORA_BUILDER = ("import sys; sys.path.insert(0, {harness!r}); from checkpoints import build_lora; "
                 "build_lora({config!r}, {out!r}, {seed}, rank={rank})")
+
+
+def harness():
+    """tests/webui/webui_harness.py, imported on first use: the tests import it by that bare name too."""
+    if str(HARNESS_DIR) not in sys.path:
+        sys.path.insert(0, str(HARNESS_DIR))
+    import webui_harness
+
+    return webui_harness
 
 
 def on_gpu() -> bool:
@@ -94,7 +101,7 @@ def start_webui(kind: str, names: set[str]):
     full = kind == "full"
     # --no-hashing: webui would read every full-size checkpoint through once more (sha256) on its first load
     extra_args = (["--opt-sdp-attention"] if on_gpu() else []) + (["--no-hashing"] if full else [])
-    ui = webui_harness.make_webui(base, extra_args=extra_args)  # builds the tiny models
+    ui = harness().make_webui(base, extra_args=extra_args)  # builds the tiny models
     folder = Path(os.environ.get("SD_WEBUI_MODEL_CACHE") or base / "built") if full else ui.data_dir / "models"
     running = start_builds(ui, build_commands(ui, names, full, folder))
     print(f"webui_bench: building {len(running)} model(s) while webui starts", flush=True)

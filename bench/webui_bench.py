@@ -286,7 +286,8 @@ def main() -> None:
     parser.add_argument("--count", type=int, default=200, help="soak: requests in all")
     parser.add_argument("--stop-at", type=float, default=0, help="soak: start no request after this time (epoch s)")
     parser.add_argument("--reserve", type=float, default=20, help="soak: seconds kept before --stop-at for the end")
-    parser.add_argument("--compare-every", type=int, default=10, help="soak: compare every Nth image with eager's")
+    parser.add_argument("--compare-every", type=int, default=9, help="soak: compare every Nth image with eager's "
+                        "(9: prime to a round's 28 requests, so the sample goes through every kind of request)")
     parser.add_argument("--sizes-sd15", help="soak: three WIDTHxHEIGHT, the hires fix goes from the third to the first")
     parser.add_argument("--sizes-sdxl", help="soak: the same for SDXL")
     args = parser.parse_args()

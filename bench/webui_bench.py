@@ -22,6 +22,12 @@ Each prints a markdown table and appends its rows to ``--json``. Only the standa
 - ``session``: a list of requests (``[{"checkpoint": ..., "payload": {...}}, ...]``) run with the script; counts what
   each did (``OneDiff: compiled / reused / loaded``) from the infotext.
 - ``first-image``: seconds of the first request after a webui start, with the script and a saved compiler cache.
+- ``soak``: ``--count`` mixed requests (two SD1.5 and two SDXL checkpoints, three sizes, hires fix, refiner, LoRA on
+  and off) in one webui; failed requests, eager fallbacks, images against eager webui's, compiles against new shapes,
+  GPU memory round by round (``bench/webui_soak.py`` says what it checks).
+
+``--start tiny|full`` starts a webui itself instead of ``--url`` (``bench/webui_start.py``: the test harness's webui
+with tiny or full-size random checkpoints; on a GPU machine without network, inside ``bench/device_kit.py run``).
 """
 from __future__ import annotations
 
@@ -232,11 +238,37 @@ def first_image(ui: WebUI, args) -> list[dict]:
              "graphs": outcome}]
 
 
+def soak_models(start: str) -> set[str]:
+    import webui_soak
+
+    return webui_soak.model_names(start == "tiny")
+
+
+def soak(ui: WebUI, args, started=None) -> list[dict]:
+    import webui_soak
+    import webui_start
+
+    harness = webui_start.harness()
+
+    def compare(payload: dict) -> tuple[float, int]:
+        return harness.difference(ui.image(True, **payload), ui.image(False, **payload))
+
+    args.tiny = (args.start or args.models) == "tiny"
+    args.mean_limit, args.max_limit = harness.MEAN_LIMIT, harness.MAX_LIMIT
+    return webui_soak.soak(ui, args, started, compare, lambda infotext: infotext_field(infotext) or "not in infotext")
+
+
+def run_bench(ui: WebUI, args, started) -> list[dict]:
+    if args.bench == "soak":
+        return soak(ui, args, started)
+    return {"speed": speed, "switch": switch, "lora": lora, "session": session, "first-image": first_image}[args.bench](ui, args)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--url", default="http://127.0.0.1:7860")
     parser.add_argument("--json", default=None, help="append the rows to this JSON-lines file")
-    parser.add_argument("bench", choices=["speed", "switch", "lora", "session", "first-image"])
+    parser.add_argument("bench", choices=["speed", "switch", "lora", "session", "first-image", "soak"])
     parser.add_argument("--checkpoint", help="checkpoint name as webui lists it (without extension)")
     parser.add_argument("--to", help="switch: the checkpoint to switch to")
     parser.add_argument("--size", type=int, default=512, help="image height (and width unless --width)")
@@ -247,9 +279,30 @@ def main() -> None:
     parser.add_argument("--save-cache", default="", help="speed: save what the first script request compiles as this")
     parser.add_argument("--lora", help="lora: the LoRA's name in webui's Lora folder")
     parser.add_argument("--requests", help="session: JSON file with the list of requests")
+    parser.add_argument("--start", choices=["tiny", "full"], help="start a webui with tiny or full-size random "
+                        "checkpoints (bench/webui_start.py) instead of using --url")
+    parser.add_argument("--models", choices=["tiny", "full"], default="full",
+                        help="soak with --url: whether the webui has the tiny or the full-size models' names")
+    parser.add_argument("--count", type=int, default=200, help="soak: requests in all")
+    parser.add_argument("--stop-at", type=float, default=0, help="soak: start no request after this time (epoch s)")
+    parser.add_argument("--reserve", type=float, default=20, help="soak: seconds kept before --stop-at for the end")
+    parser.add_argument("--compare-every", type=int, default=9, help="soak: compare every Nth image with eager's "
+                        "(9: prime to a round's 28 requests, so the sample goes through every kind of request)")
+    parser.add_argument("--sizes-sd15", help="soak: three WIDTHxHEIGHT, the hires fix goes from the third to the first")
+    parser.add_argument("--sizes-sdxl", help="soak: the same for SDXL")
     args = parser.parse_args()
-    ui = WebUI(args.url)
-    rows = {"speed": speed, "switch": switch, "lora": lora, "session": session, "first-image": first_image}[args.bench](ui, args)
+    started = None
+    if args.start:
+        import webui_start
+
+        names = {args.checkpoint, args.to, args.lora} | (soak_models(args.start) if args.bench == "soak" else set())
+        started = webui_start.start_webui(args.start, {name for name in names if name})
+        args.url = started.base_url
+    try:
+        rows = run_bench(WebUI(args.url), args, started)
+    finally:
+        if started is not None:
+            started.stop()
     if args.json:
         with open(args.json, "a") as file:
             file.writelines(json.dumps(row) + "\n" for row in rows)

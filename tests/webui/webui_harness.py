@@ -10,6 +10,7 @@ Environment:
                        above this repository.
   SD_WEBUI_EXTRA_ARGS  extra webui command-line flags (shell-split).
   SD_WEBUI_START_TIMEOUT  seconds to wait for the API (default 300).
+  SD_WEBUI_GPU         set to 1 to run webui on the GPU (without the CPU_FLAGS).
   SD_WEBUI_KEEP        set to 1 to keep the temporary data dir after the session.
 Per instance, ``WebUI.extra_env`` (or ``restart(env=...)``) adds variables to webui's environment (None removes one).
 """
@@ -36,10 +37,11 @@ DEFAULT_FLAGS = [
     "--skip-torch-cuda-test",
     "--skip-version-check",
     "--api",
-    "--use-cpu", "all",
-    "--no-half",  # fp16 does not work on the CPU
     "--no-download-sd-model",
 ]
+CPU_FLAGS = ["--use-cpu", "all", "--no-half"]  # fp16 does not work on the CPU
+"""Left out where ``SD_WEBUI_GPU=1`` (set by bench/device_kit.py on a machine with CUDA): webui then runs on the GPU in
+fp16, as users run it."""
 
 # A small, fast, deterministic generation.
 DEFAULT_TXT2IMG = {
@@ -239,7 +241,8 @@ class WebUI:
         return self.base_url + (path if path.startswith("/") else "/" + path)
 
     def command(self) -> list[str]:
-        return [self.python, "launch.py", *DEFAULT_FLAGS, "--port", str(self.port),
+        device_flags = [] if os.environ.get("SD_WEBUI_GPU") == "1" else CPU_FLAGS
+        return [self.python, "launch.py", *DEFAULT_FLAGS, *device_flags, "--port", str(self.port),
                 "--data-dir", str(self.data_dir), *self.extra_args]
 
     def is_running(self) -> bool:

@@ -48,6 +48,7 @@ else:
     from sd_webui_onediff.compile.layers import PLAIN_FORWARDS  # noqa: E402
     from sd_webui_onediff.compile.patching import patched  # noqa: E402
     from sd_webui_onediff.compile.registry import CompiledUNets  # noqa: E402
+    from sd_webui_onediff.controlnet import glue as controlnet_glue  # noqa: E402
     from sd_webui_onediff.lora import FusedLoras, backup_copies, fits_on_gpu  # noqa: E402
 
     COMPILED_UNETS = CompiledUNets()
@@ -206,7 +207,7 @@ class Generation:
     def bind(self, sd_model) -> None:
         model = sd_model.model
         unet = model.diffusion_model
-        if isinstance(unet, CompiledUNet) or any(unet is refused for refused, _ in self.refused):
+        if isinstance(unet, (CompiledUNet, controlnet_glue.ControlNetUNet)) or any(unet is refused for refused, _ in self.refused):
             return
         name = sd_model.sd_checkpoint_info.name_for_extra
         reason = unsupported_reason(unet)
@@ -216,14 +217,14 @@ class Generation:
             self.update_infotext()
             return
         lookup = COMPILED_UNETS.get(
-            unet, compile_options(), recompile=self.args.always_recompile and not self.bound,
+            controlnet_glue.compiled_target(unet), compile_options(), recompile=self.args.always_recompile and not self.bound,
             on_compile_start=self.on_compile_start, on_compile_end=self.update_infotext,
         )
         print(f"OneDiff: {lookup.how} compiled UNet {type(unet).__module__}.{type(unet).__qualname__} for {name}")
         self.compile_counts.setdefault(lookup.compiled.backend, len(lookup.compiled.stats.compile_seconds))
         lookup.compiled.before_call = lora_fusing(self.p, unet, lookup.compiled)
         lookup.compiled.expected_class_forwards = SWAPPED_FORWARDS
-        model.diffusion_model = lookup.compiled
+        model.diffusion_model = controlnet_glue.bound_module(unet, lookup.compiled)
         self.bound.append((model, unet, lookup))
         self.update_infotext()
 

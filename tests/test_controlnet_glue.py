@@ -1,0 +1,142 @@
+"""ControlNet's glue (``controlnet/glue.py``) without webui: recognising ControlNet's forward on the UNet and its
+version, refusing what cannot be recorded, and recording what a ControlNet-shaped forward adds to the UNet's blocks
+(``tests/controlnet_double/scripts/hook.py``, which uses the blocks as sd-webui-controlnet v1.1.455 does) into the
+compiled residual pass: equal to that forward run eagerly, one graph for every control."""
+import importlib.util
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+from sd_webui_onediff.bench import architectures as arch
+from sd_webui_onediff.compile import CompiledUNet
+from sd_webui_onediff.compile.foreign_hooks import find_foreign_hooks
+from sd_webui_onediff.compile.residuals import block_shapes
+from sd_webui_onediff.controlnet import glue
+
+DOUBLE = Path(__file__).resolve().parent / "controlnet_double" / "scripts" / "hook.py"
+
+
+def load_double(path: Path = DOUBLE):
+    spec = importlib.util.spec_from_file_location(f"controlnet_double_{abs(hash(path))}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def unet():
+    return arch.sd_unet(arch.SD15_TINY, seed=4)
+
+
+@pytest.fixture(scope="module")
+def inputs():
+    (x, t), kwargs = arch.sd_inputs(arch.SD15_TINY, tokens=8)
+    return x, t, kwargs["context"]
+
+
+def controls(unet, x, seed):
+    generator = torch.Generator().manual_seed(seed)
+    shapes = block_shapes(unet, x.shape)
+    controlnet = [torch.randn(s, generator=generator) * 0.3 for s in (*shapes.inputs, shapes.middle)]
+    t2i = {i: torch.randn(shapes.inputs[i], generator=generator) * 0.3 for i in range(1, len(shapes.inputs), 2)}
+    return controlnet, t2i
+
+
+def hooked(unet, **controls_):
+    hook = load_double().UnetHook()
+    ldm_module = sys.modules[type(unet).__module__]
+    hook.hook(unet, timestep_embedding=ldm_module.timestep_embedding, **controls_)
+    return hook
+
+
+@torch.no_grad()
+def test_the_recorded_pass_equals_controlnets_forward_with_one_graph_for_every_control(unet, inputs):
+    x, t, context = inputs
+    plain = unet(x, t, context=context[:, 1:])
+    hook = hooked(unet)
+    try:
+        found = glue.find_hook(unet)
+        assert found is not None and found.version == "v1.1.455" and found.unsupported_reason() is None
+        compiled = CompiledUNet(glue.compiled_target(unet))
+        wrapper = glue.bound_module(unet, compiled)
+        assert isinstance(wrapper, glue.ControlNetUNet)
+        cases = [("no control", {}), ("ControlNet", {"controlnet": controls(unet, x, 1)[0]}),
+                 ("T2I-Adapter", {"t2i": controls(unet, x, 2)[1]}), ("both", dict(zip(("controlnet", "t2i"), controls(unet, x, 3))))]
+        for what, given in cases:
+            hook.restore()
+            hook = hooked(unet, **given)
+            found = glue.find_hook(unet)
+            wrapper.hook = found
+            eager = unet(x, t, context=context)
+            out = wrapper(x, t, context=context)
+            assert compiled.failure is None, compiled.failure
+            assert ((out - eager).norm() / eager.norm()).item() < 1e-4, what
+            if given:
+                assert (eager - plain).abs().mean() > 1e-2 * plain.abs().mean(), f"{what} changed nothing"
+            else:
+                assert ((eager - plain).norm() / plain.norm()).item() < 1e-6
+        assert compiled.stats.graphs_compiled == 1
+    finally:
+        hook.restore()
+    assert find_foreign_hooks(list(unet.named_modules())) == [], "ControlNet's restore leaves the UNet's own forward"
+    assert glue.find_hook(unet) is None and glue.compiled_target(unet) is unet
+
+
+@torch.no_grad()
+def test_a_forward_that_reworks_the_output_runs_eagerly_with_the_reason(unet, inputs):
+    x, t, context = inputs
+    hook = hooked(unet, rework_output=True)
+    try:
+        compiled = CompiledUNet(glue.compiled_target(unet))
+        wrapper = glue.bound_module(unet, compiled)
+        out = wrapper(x, t, context=context)
+        assert torch.equal(out, unet(x, t, context=context))
+        assert "changed the UNet's output" in compiled.failure
+        assert compiled.stats.graphs_compiled == 0
+    finally:
+        hook.restore()
+
+
+def unit(kind: str, preprocessor: str = "none"):
+    return types.SimpleNamespace(control_model_type=types.SimpleNamespace(name=kind), preprocessor={"name": preprocessor})
+
+
+@pytest.mark.parametrize("units, lowvram, reason", [
+    ([unit("ControlNet"), unit("T2I_Adapter", "canny")], False, None),
+    ([unit("ControlNet"), unit("AttentionInjection", "reference_only")], False, "AttentionInjection unit"),
+    ([unit("IPAdapter")], False, "IPAdapter unit"),
+    ([unit("Controlllite")], False, "Controlllite unit"),
+    ([unit("SparseCtrl")], False, "SparseCtrl unit"),
+    ([unit("ControlNet", "inpaint_only+lama")], False, "inpaint_only+lama preprocessor"),
+    ([unit("ControlNet", "tile_colorfix")], False, "tile_colorfix preprocessor"),
+    ([unit("ControlNet")], True, "low VRAM"),
+])
+def test_what_cannot_be_recorded_is_named(units, lowvram, reason):
+    hook = glue.ControlNetHook(None, types.SimpleNamespace(control_params=units, lowvram=lowvram), "v1.1.455")
+    found = hook.unsupported_reason()
+    assert found is None if reason is None else reason in found, found
+
+
+def test_another_version_is_recognised_and_refused(tmp_path, unet):
+    (tmp_path / "scripts").mkdir()
+    (tmp_path / "scripts" / "hook.py").write_text(DOUBLE.read_text())
+    (tmp_path / "scripts" / "controlnet_version.py").write_text("version_flag = 'v1.1.440'\n")
+    hook = load_double(tmp_path / "scripts" / "hook.py").UnetHook()
+    hook.hook(unet, timestep_embedding=None)
+    try:
+        found = glue.find_hook(unet)
+        assert found.version == "v1.1.440"
+        assert "v1.1.440" in found.unsupported_reason() and glue.SUPPORTED_VERSION in found.unsupported_reason()
+    finally:
+        hook.restore()
+
+
+def test_other_instance_forwards_are_not_controlnet(unet):
+    assert glue.find_hook(unet) is None
+    unet.forward = types.MethodType(lambda self, *a, **k: None, unet)
+    try:
+        assert glue.find_hook(unet) is None
+    finally:
+        del unet.forward

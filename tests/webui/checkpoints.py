@@ -330,6 +330,11 @@ CONTROLNET_SD15 = dict(in_channels=4, model_channels=320, hint_channels=3, num_r
                        transformer_depth_middle=1, use_linear_in_transformer=False, context_dim=768, num_heads=8)
 """The hyperparameters sd-webui-controlnet's model guesser gives every SD1.x ControlNet (its ``cldm_v15``); it reads
 only ``hint_channels`` and ``context_dim`` from the file."""
+CONTROLNET_SDXL = dict(num_classes="sequential", adm_in_channels=2816, in_channels=4, model_channels=320, hint_channels=3,
+                       num_res_blocks=2, attention_resolutions=[2, 4], transformer_depth=[0, 2, 10], channel_mult=[1, 2, 4],
+                       transformer_depth_middle=10, use_linear_in_transformer=True, context_dim=2048,
+                       num_head_channels=64)
+"""What the guesser gives an SDXL ControlNet whose file has ten transformer blocks at the third level (full SDXL)."""
 TINY_WIDTH = dict(model_channels=32, num_heads=2, context_dim=64)
 """Where ``tiny-sd15-cn`` (configs/tiny-sd15-cn.yaml) is narrower than SD1.5; the test extension
 ``extensions/tiny_controlnet_config`` points ControlNet's guesser at its config."""
@@ -355,9 +360,9 @@ def _import_controlnet(controlnet_path):
 def build_controlnet_models(out_dir, controlnet_path, webui_path=None, full_size: bool = False) -> dict[str, Path]:
     """Random ControlNet models of ControlNet's own classes, saved as its guesser reads them: an SD1.5 ControlNet
     (hint_channels 3) and, at tiny width, a T2I-Adapter (its guesser takes the widths from the file). Tiny
-    (``tiny-controlnet-sd15``, ``tiny-t2i-adapter-sd15``, for ``tiny-sd15-cn``) or, with ``full_size``, SD1.5's
-    (``controlnet-sd15-random``, float16, for the GPU benchmark). The zero convolutions are re-randomised: at zero a
-    ControlNet adds nothing."""
+    (``tiny-controlnet-sd15``, ``tiny-t2i-adapter-sd15``, for ``tiny-sd15-cn``) or, with ``full_size``, SD1.5's and
+    SDXL's (``controlnet-sd15-random``, ``controlnet-sdxl-random``, float16, for the GPU benchmark). The zero
+    convolutions are re-randomised: at zero a ControlNet adds nothing."""
     _prepare_imports(webui_path)
     import torch
     from safetensors.torch import save_file
@@ -366,9 +371,11 @@ def build_controlnet_models(out_dir, controlnet_path, webui_path=None, full_size
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(21)
-    width = TINY_WIDTH if not full_size else {}
-    models = {("controlnet-sd15-random" if full_size else "tiny-controlnet-sd15"): ControlNet(**{**CONTROLNET_SD15, **width})}
-    if not full_size:
+    if full_size:
+        models = {"controlnet-sd15-random": ControlNet(**CONTROLNET_SD15),
+                  "controlnet-sdxl-random": ControlNet(**CONTROLNET_SDXL)}
+    else:
+        models = {"tiny-controlnet-sd15": ControlNet(**{**CONTROLNET_SD15, **TINY_WIDTH})}
         channels = TINY_WIDTH["model_channels"]
         models["tiny-t2i-adapter-sd15"] = Adapter(cin=3 * 64, channels=[channels, channels * 2, channels * 4, channels * 4],
                                                   nums_rb=2, ksize=1, sk=True, use_conv=False)

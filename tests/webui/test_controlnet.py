@@ -8,7 +8,6 @@ the preprocessor is ``none``: the hint image is given.
 """
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 from sd_webui_onediff.bench.webui_bench import infotext_field as field  # noqa: E402
@@ -65,24 +64,20 @@ def test_controlnet_and_t2i_adapter_units_compiled_equal_to_eager_and_never_reco
     assert done.startswith("compiled"), f"the residual pass compiles once: {done}"
     assert_close(image, eager, "script with a ControlNet unit vs eager")
 
-    variations = {
-        "weight 0.5": [unit(weight=0.5)],
-        "start/end 0.3-0.8": [unit(guidance_start=0.3, guidance_end=0.8)],
-        "another hint": [unit(image=OTHER_HINT)],
-        "soft injection": [unit(control_mode="My prompt is more important")],
+    variations = {  # kept few: each is an eager and a scripted request
+        "weight 0.5, start/end 0.3-0.8": [unit(weight=0.5, guidance_start=0.3, guidance_end=0.8)],
         "cfg injection": [unit(control_mode="ControlNet is more important")],
         "T2I-Adapter": [unit(T2I_ADAPTER)],
-        "two units": [unit(weight=0.7), unit(T2I_ADAPTER, image=OTHER_HINT, weight=0.8)],
+        "two units, another hint, soft injection": [
+            unit(weight=0.7, image=OTHER_HINT, control_mode="My prompt is more important"), unit(T2I_ADAPTER, weight=0.8)],
     }
-    images = {}
     for what, units in variations.items():
         eager, _ = generate(ui, scripted=False, units=units)
         image, done = generate(ui, scripted=True, units=units)
         assert done == "reused", f"{what}: {done}"
         assert_close(image, eager, f"script vs eager, {what}")
-        images[what] = eager
-    assert_differs(images["T2I-Adapter"], without, "the T2I-Adapter unit")
-    assert_differs(images["another hint"], images["weight 0.5"], "another hint")
+        if what == "T2I-Adapter":
+            assert_differs(eager, without, "the T2I-Adapter unit")
 
     image, done = generate(ui, scripted=True)
     assert done == "reused", f"ControlNet off again: {done}"

@@ -31,11 +31,15 @@ from typing import Callable
 import torch
 
 from ..compile.engine import CompiledUNet
+from ..compile.patching import patched
 from ..compile.residuals import BlockShapes, Residuals, UnknownLayer, block_shapes, residual_pass
 
 SUPPORTED_VERSION = "v1.1.455"
 HOOKED_FORWARD = "UnetHook.hook.<locals>.forward_webui"
 """The qualified name of the function ControlNet's ``UnetHook.hook`` binds to the UNet as its ``forward``."""
+COMPILED_CONTROL_MODEL_TYPES = frozenset({"ControlNet"})
+"""Units whose control model (ControlNet's ``PlugableControlModel`` around its ``cldm.ControlNet``) is compiled too,
+where a ``control_model_compiler`` is given: a ControlNet runs about half a UNet per step."""
 RECORDED_UNIT_TYPES = frozenset({
     "ControlNet", "ControlLoRA", "ControlNetUnion", "InstantID", "T2I_Adapter", "T2I_StyleAdapter", "ReVision",
 })
@@ -172,7 +176,8 @@ class ControlNetUNet(torch.nn.Module):
     (ControlNet's forward, eagerly) when ``compiled`` has a reason to be eager. Shares the UNet's modules, parameters
     and buffers, and reads any other attribute from it, like ``CompiledUNet``."""
 
-    def __init__(self, unet: torch.nn.Module, hook: ControlNetHook, compiled: CompiledUNet):
+    def __init__(self, unet: torch.nn.Module, hook: ControlNetHook, compiled: CompiledUNet,
+                 control_model_compiler: Callable[[torch.nn.Module], CompiledUNet] | None = None):
         super().__init__()
         self._parameters = unet._parameters
         self._buffers = unet._buffers
@@ -181,6 +186,9 @@ class ControlNetUNet(torch.nn.Module):
         object.__setattr__(self, "eager", unet)
         object.__setattr__(self, "compiled", compiled)
         self.hook = hook
+        self.control_model_compiler = control_model_compiler
+        """Gives the compiled form of a ControlNet model (``cldm.ControlNet``), once per model and generation."""
+        self._compiled_control_models = {}  # id(cldm.ControlNet) -> (it, its CompiledUNet)
         self._zeros_for = (None, None)  # (shapes, dtype, device) -> the stand-in's zero outputs, of the last signature
 
     def __getattr__(self, name: str):
@@ -223,10 +231,31 @@ class ControlNetUNet(torch.nn.Module):
             self._zeros_for = (key, {"inputs": [zeros(s) for s in shapes.inputs], "middle": zeros(shapes.middle),
                                      "outputs": [zeros(s) for s in shapes.outputs]})
         stand_in = StandIn(self.eager, shapes, self._zeros_for[1], x)
-        result = self.hook.forward(stand_in, x, timesteps, context=context, y=y)
+        with patched(self._compiled_control_model_calls()):
+            result = self.hook.forward(stand_in, x, timesteps, context=context, y=y)
         if result is not stand_in._sentinel:
             raise Unrecordable("ControlNet's forward changed the UNet's output after it")
         return stand_in.x, timesteps, stand_in.context.contiguous(), stand_in.y, stand_in.residuals(x.dtype)
+
+
+    def _compiled_control_model_calls(self) -> list[tuple]:
+        """For the duration of a recording, each compiled ControlNet unit's ``PlugableControlModel`` gets an instance
+        ``forward`` calling the compiled ``cldm.ControlNet`` it wraps (``patched`` removes it again)."""
+        if self.control_model_compiler is None:
+            return []
+        patches = []
+        for param in getattr(self.hook.unet_hook, "control_params", None) or ():
+            plugable = param.control_model
+            model = getattr(plugable, "control_model", None)
+            if (getattr(param.control_model_type, "name", None) not in COMPILED_CONTROL_MODEL_TYPES
+                    or getattr(plugable, "is_control_lora", False) or not isinstance(model, torch.nn.Module)
+                    or "forward" in vars(plugable)):
+                continue
+            if id(model) not in self._compiled_control_models:
+                self._compiled_control_models[id(model)] = (model, self.control_model_compiler(model))
+            compiled = self._compiled_control_models[id(model)][1]
+            patches.append((plugable, "forward", compiled.__call__))  # a Module would become a submodule
+        return patches
 
 
 def compiled_target(unet: torch.nn.Module) -> torch.nn.Module:
@@ -234,7 +263,8 @@ def compiled_target(unet: torch.nn.Module) -> torch.nn.Module:
     return residual_pass(unet) if find_hook(unet) is not None else unet
 
 
-def bound_module(unet: torch.nn.Module, compiled: CompiledUNet) -> torch.nn.Module:
+def bound_module(unet: torch.nn.Module, compiled: CompiledUNet,
+                 control_model_compiler: Callable[[torch.nn.Module], CompiledUNet] | None = None) -> torch.nn.Module:
     """What stands as the model's ``diffusion_model`` for ``compiled`` (made from ``compiled_target(unet)``)."""
     hook = find_hook(unet)
-    return ControlNetUNet(unet, hook, compiled) if hook is not None else compiled
+    return ControlNetUNet(unet, hook, compiled, control_model_compiler) if hook is not None else compiled

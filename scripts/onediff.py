@@ -203,6 +203,7 @@ class Generation:
         self.bound = []  # (model, its eager UNet, Lookup) in binding order
         self.refused = []  # eager UNets of models that cannot be compiled, with a note for the infotext
         self.compile_counts = {}  # backend -> its number of compiles when this generation first used it
+        self.control_models = []  # Lookup of each ControlNet model compiled in this generation
 
     def bind(self, sd_model) -> None:
         model = sd_model.model
@@ -224,16 +225,30 @@ class Generation:
         self.compile_counts.setdefault(lookup.compiled.backend, len(lookup.compiled.stats.compile_seconds))
         lookup.compiled.before_call = lora_fusing(self.p, unet, lookup.compiled)
         lookup.compiled.expected_class_forwards = SWAPPED_FORWARDS
-        model.diffusion_model = controlnet_glue.bound_module(unet, lookup.compiled)
+        # ControlNet models gain from compiling on CUDA only (CUDA graphs, fused kernels).
+        control_models = self.compile_control_model if shared.device.type == "cuda" else None
+        model.diffusion_model = controlnet_glue.bound_module(unet, lookup.compiled, control_models)
         self.bound.append((model, unet, lookup))
         self.update_infotext()
+
+    def compile_control_model(self, control_model: torch.nn.Module) -> CompiledUNet:
+        """A ControlNet model, compiled like a UNet (a structure of its own in the registry), counted in the infotext."""
+        lookup = COMPILED_UNETS.get(control_model, compile_options(), on_compile_start=self.on_compile_start,
+                                    on_compile_end=self.update_infotext)
+        self.compile_counts.setdefault(lookup.compiled.backend, len(lookup.compiled.stats.compile_seconds))
+        lookup.compiled.expected_class_forwards = SWAPPED_FORWARDS
+        self.control_models.append(lookup)
+        return lookup.compiled
+
+    def lookups(self) -> list:
+        return [*(lookup for _, _, lookup in self.bound), *self.control_models]
 
     def restore(self) -> None:
         for model, unet, _ in reversed(self.bound):
             model.diffusion_model = unet
 
     def failures(self) -> list[str]:
-        return list(dict.fromkeys(lookup.compiled.failure for _, _, lookup in self.bound if lookup.compiled.failure))
+        return list(dict.fromkeys(lookup.compiled.failure for lookup in self.lookups() if lookup.compiled.failure))
 
     def describe(self) -> str:
         if self.failures():
@@ -241,7 +256,7 @@ class Generation:
         if not self.bound:
             return ", ".join([*self.outcome, "not used"])
         new = [s for backend, count in self.compile_counts.items() for s in backend.stats.compile_seconds[count:]]
-        fresh = any(lookup.how == "new" for _, _, lookup in self.bound)
+        fresh = any(lookup.how == "new" for lookup in self.lookups())
         done = f"compiled in {sum(new):.1f} s" if new else ("compiled" if fresh else "reused")
         return ", ".join([*self.outcome, done, *(note for _, note in self.refused)])
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from sd_webui_onediff.bench import architectures as arch
 from sd_webui_onediff.compile import CompiledUNet
 from sd_webui_onediff.compile.foreign_hooks import find_foreign_hooks
@@ -95,6 +96,59 @@ def test_a_forward_that_reworks_the_output_runs_eagerly_with_the_reason(unet, in
         assert torch.equal(out, unet(x, t, context=context))
         assert "changed the UNet's output" in compiled.failure
         assert compiled.stats.graphs_compiled == 0
+    finally:
+        hook.restore()
+
+
+class Plugable(torch.nn.Module):
+    """As ControlNet's ``PlugableControlModel``: calls the model it wraps."""
+
+    def __init__(self, control_model):
+        super().__init__()
+        self.control_model = control_model
+
+    def forward(self, *args, **kwargs):
+        return self.control_model(*args, **kwargs)
+
+
+class Controls(torch.nn.Module):
+    """A control model: one residual per slot, from the input and the hint."""
+
+    def __init__(self, shapes):
+        super().__init__()
+        self.sizes = [tuple(s[-2:]) for s in (*shapes.inputs, shapes.middle)]
+        self.convs = torch.nn.ModuleList(torch.nn.Conv2d(4, s[1], 1) for s in (*shapes.inputs, shapes.middle))
+
+    def forward(self, x, hint, timesteps, context, y=None):
+        return [conv(F.adaptive_avg_pool2d(x + hint, size)) for conv, size in zip(self.convs, self.sizes)]
+
+
+@torch.no_grad()
+def test_controlnet_models_run_compiled_for_the_recording_and_are_put_back(unet, inputs):
+    x, t, context = inputs
+    torch.manual_seed(0)
+    plugable = Plugable(Controls(block_shapes(unet, x.shape)))
+    params = [types.SimpleNamespace(control_model=plugable, control_model_type=types.SimpleNamespace(name=kind),
+                                    preprocessor={"name": "none"}, hint=torch.randn_like(x), weight=weight)
+              for kind, weight in (("ControlNet", 1.0), ("ControlNet", 0.5))]
+    hook = hooked(unet, control_params=params)
+    try:
+        compiled_models = []
+
+        def compiler(model):
+            compiled_models.append(CompiledUNet(model))
+            return compiled_models[-1]
+
+        compiled = CompiledUNet(glue.compiled_target(unet))
+        wrapper = glue.bound_module(unet, compiled, compiler)
+        eager = unet(x, t, context=context)
+        for _ in range(2):
+            out = wrapper(x, t, context=context)
+            assert ((out - eager).norm() / eager.norm()).item() < 1e-4
+        assert [m.eager for m in compiled_models] == [plugable.control_model], "one compiled model per model"
+        assert compiled_models[0].stats.graphs_compiled == 1 and compiled_models[0].failure is None
+        assert "forward" not in vars(plugable), "the control model's own forward is back"
+        assert compiled.failure is None
     finally:
         hook.restore()
 

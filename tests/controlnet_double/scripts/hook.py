@@ -24,14 +24,19 @@ class UnetHook:
         self.lowvram = False
         self.model = None
 
-    def hook(self, model, t2i=None, controlnet=None, timestep_embedding=None, rework_output=False):
-        """``t2i``: {input block index: tensor}; ``controlnet``: 13 tensors (12 skips, then the middle) or None."""
+    def hook(self, model, t2i=None, controlnet=None, timestep_embedding=None, rework_output=False, control_params=()):
+        """``t2i``: {input block index: tensor}; ``controlnet``: 13 tensors (12 skips, then the middle) or None;
+        ``control_params``: units whose ``control_model(x=, hint=, timesteps=, context=)`` gives ``controlnet``."""
         outer = self
         self.model = model
+        self.control_params = list(control_params)
 
         def forward(self, x, timesteps=None, context=None, y=None, **kwargs):
             context = context[:, 1:]  # ControlNet's cond/uncond mark
             skip_controls = list(controlnet) if controlnet is not None else [0.0] * (len(self.input_blocks) + 1)
+            for param in outer.control_params:
+                control = param.control_model(x=x, hint=param.hint, timesteps=timesteps, context=context)
+                skip_controls = [c * param.weight + total for c, total in zip(control, skip_controls)]
             emb = self.time_embed(timestep_embedding(timesteps, self.model_channels, repeat_only=False))
             if y is not None:
                 emb = emb + self.label_emb(y)

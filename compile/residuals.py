@@ -23,6 +23,8 @@ from typing import NamedTuple, Sequence
 import torch
 import torch.nn.functional as F
 
+from .sharing import share_registries
+
 
 class Residuals(NamedTuple):
     inputs: tuple[torch.Tensor, ...]
@@ -44,10 +46,7 @@ class ResidualPass(torch.nn.Module):
 
     def __init__(self, unet: torch.nn.Module):
         super().__init__()
-        self._parameters = unet._parameters
-        self._buffers = unet._buffers
-        self._modules = unet._modules
-        self._non_persistent_buffers_set = unet._non_persistent_buffers_set
+        share_registries(self, unet)
         self.model_channels = unet.model_channels
         # The UNet's module, read at call time: webui patches its ``timestep_embedding`` and ``th`` like the UNet sees.
         object.__setattr__(self, "unet_module", sys.modules[type(unet).__module__])

@@ -31,6 +31,7 @@ from typing import Callable
 import torch
 
 from ..compile.engine import CompiledUNet
+from ..compile import sharing
 from ..compile.patching import patched
 from ..compile.residuals import BlockShapes, Residuals, UnknownLayer, block_shapes, residual_pass
 
@@ -170,34 +171,21 @@ class StandIn:
         return Residuals(tuple(map(normal, self.inputs)), tuple(map(normal, self.skips)), normal(self.middle))
 
 
-class ControlNetUNet(torch.nn.Module):
+class ControlNetUNet(sharing.SharedModule):
     """Stands as the model's ``diffusion_model`` while ControlNet's forward is on the UNet: records what ControlNet's
     forward makes of each call (``StandIn``) and runs the compiled residual pass with it; runs the UNet as installed
     (ControlNet's forward, eagerly) when ``compiled`` has a reason to be eager. Shares the UNet's modules, parameters
-    and buffers, and reads any other attribute from it, like ``CompiledUNet``."""
+    and buffers, and reads any other attribute from it (``sharing.SharedModule``)."""
 
     def __init__(self, unet: torch.nn.Module, hook: ControlNetHook, compiled: CompiledUNet,
                  control_model_compiler: Callable[[torch.nn.Module], CompiledUNet] | None = None):
-        super().__init__()
-        self._parameters = unet._parameters
-        self._buffers = unet._buffers
-        self._modules = unet._modules
-        self._non_persistent_buffers_set = unet._non_persistent_buffers_set
-        object.__setattr__(self, "eager", unet)
+        super().__init__(unet)
         object.__setattr__(self, "compiled", compiled)
         self.hook = hook
         self.control_model_compiler = control_model_compiler
         """Gives the compiled form of a ControlNet model (``cldm.ControlNet``), once per model and generation."""
         self._compiled_control_models = {}  # id(cldm.ControlNet) -> (it, its CompiledUNet)
         self._zeros_for = (None, None)  # (shapes, dtype, device) -> the stand-in's zero outputs, of the last signature
-
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "eager":
-                raise
-            return getattr(self.eager, name)
 
     def forward(self, x, timesteps=None, context=None, y=None, **kwargs):
         compiled = self.compiled

@@ -213,11 +213,11 @@ class ControlNetUNet(sharing.SharedModule):
         shapes = block_shapes(self.eager, x.shape)
         key = (shapes, x.dtype, x.device)
         if self._zeros_for[0] != key:
-            def zeros(shape):
-                return torch.zeros(shape, dtype=x.dtype, device=x.device)
-
-            self._zeros_for = (key, {"inputs": [zeros(s) for s in shapes.inputs], "middle": zeros(shapes.middle),
-                                     "outputs": [zeros(s) for s in shapes.outputs]})
+            # The input blocks' zeros are the residuals of the slots nothing is added to, so real tensors; the others
+            # only reach ControlNet's additions and concatenations, which copy them: views of one zero.
+            zero = x.new_zeros(())
+            self._zeros_for = (key, {"inputs": [x.new_zeros(s) for s in shapes.inputs], "middle": zero.expand(shapes.middle),
+                                     "outputs": [zero.expand(s) for s in shapes.outputs]})
         stand_in = StandIn(self.eager, shapes, self._zeros_for[1], x)
         with patched(self._compiled_control_model_calls()):
             result = self.hook.forward(stand_in, x, timesteps, context=context, y=y)

@@ -12,7 +12,8 @@ import pytest
 
 from sd_webui_onediff.bench.webui_bench import infotext_field as field  # noqa: E402
 from test_onediff_script import infotext, init_image  # noqa: E402
-from webui_harness import assert_close, assert_differs, encode_image  # noqa: E402
+from test_webui_bench import run_bench  # noqa: E402
+from webui_harness import MEAN_LIMIT, assert_close, assert_differs, encode_image  # noqa: E402
 
 SCRIPT = "onediff_diffusion_model"
 CONTROLNET = "tiny-controlnet-sd15"
@@ -92,3 +93,10 @@ def test_attention_changing_units_run_eagerly_with_the_reason(ui):
     image, done = generate(ui, scripted=True, units=reference)
     assert done.startswith("eager, ") and "AttentionInjection" in done, done
     assert_close(image, eager, "script with a reference-only unit vs eager")
+
+
+def test_the_benchmark_measures_a_controlnet_unit_without_recompiles(ui, tmp_path):
+    """``bench/webui_bench.py speed --controlnet``, as run on the GPU, on the tiny models (timings mean nothing here)."""
+    out, (row, variations) = run_bench(ui, tmp_path, "speed", "--checkpoint", "tiny-sd15-cn", "--controlnet", CONTROLNET)
+    assert row["image difference mean"] <= MEAN_LIMIT, row
+    assert variations["recompiles"] == 0 and "recompiles | | 0 |" in out, (variations, out)

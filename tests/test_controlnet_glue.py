@@ -85,6 +85,30 @@ def test_the_recorded_pass_equals_controlnets_forward_with_one_graph_for_every_c
     assert glue.find_hook(unet) is None and glue.compiled_target(unet) is unet
 
 
+@pytest.mark.parametrize("family", ["sd15-narrow", "sdxl"])
+@torch.no_grad()
+def test_the_recording_is_exact_on_sd15s_topology_and_sdxl(family):
+    """Eagerly, the recorded arguments through the residual pass give exactly ControlNet's forward's result (each
+    block gets one control, so no sum is reassociated), ``y`` included."""
+    if family == "sdxl":
+        if not arch.sgm_available():
+            pytest.skip("sgm's UNetModel is not importable (set SD_WEBUI_PATH)")
+        unet = arch.sdxl_unet(arch.SDXL_TINY, seed=6)
+        (x, t), kwargs = arch.sdxl_inputs(arch.SDXL_TINY, tokens=8)
+    else:
+        unet = arch.sd_unet(arch.SD15_NARROW, seed=6)
+        (x, t), kwargs = arch.sd_inputs(arch.SD15_NARROW, tokens=8)
+    controlnet, t2i = controls(unet, x, 7)
+    for given in ({"controlnet": controlnet}, {"t2i": t2i}):
+        hook = hooked(unet, **given)
+        try:
+            wrapper = glue.bound_module(unet, CompiledUNet(glue.compiled_target(unet)))
+            recorded = wrapper.record(x, t, kwargs["context"], kwargs.get("y"))
+            assert torch.equal(glue.compiled_target(unet)(*recorded), unet(x, t, **kwargs)), sorted(given)
+        finally:
+            hook.restore()
+
+
 @torch.no_grad()
 def test_a_forward_that_reworks_the_output_runs_eagerly_with_the_reason(unet, inputs):
     x, t, context = inputs

@@ -25,6 +25,10 @@ Each prints a markdown table and appends its rows to ``--json``. Only the standa
 - ``soak``: ``--count`` mixed requests (two SD1.5 and two SDXL checkpoints, three sizes, hires fix, refiner, LoRA on
   and off) in one webui; failed requests, eager fallbacks, images against eager webui's, compiles against new shapes,
   GPU memory round by round (``bench/webui_soak.py`` says what it checks).
+- ``speed --controlnet NAME``: every request with one sd-webui-controlnet unit of that model (preprocessor ``none``,
+  a generated hint image), then 5 varied ControlNet requests with the script (weight, start/end, hint, control mode),
+  whose infotexts count the recompiles (0 expected). Build random full-size ControlNets with
+  ``tests/webui/checkpoints.py OUT --controlnet-dir <webui>/models/ControlNet --full-size``.
 
 ``--start tiny|full`` starts a webui itself instead of ``--url`` (``bench/webui_start.py``: the test harness's webui
 with tiny or full-size random checkpoints; on a GPU machine without network, inside ``bench/device_kit.py run``).
@@ -136,9 +140,52 @@ def image_size(args) -> dict:
     return {"width": args.width or args.size, "height": args.size}
 
 
+def hint_image(width: int, height: int, turned: bool = False) -> str:
+    """A base64 PNG with gradients and a disc (numpy and PIL needed here only)."""
+    import base64
+    import io
+
+    import numpy
+    from PIL import Image
+
+    y, x = numpy.mgrid[0:height, 0:width] / max(width, height) * 255
+    disc = ((x - 160) ** 2 + (y - 100) ** 2 < 60 ** 2) * 120
+    pixels = numpy.stack([x, y, 255 - x / 2 - disc], axis=-1).clip(0, 255).astype(numpy.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels[:, ::-1] if turned else pixels).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def controlnet_unit(args, weight: float = 1.0, start: float = 0.0, end: float = 1.0, turned: bool = False,
+                    mode: str = "Balanced") -> dict:
+    """``alwayson_scripts`` with one ControlNet unit of ``--controlnet`` (preprocessor none, the hint given)."""
+    size = image_size(args)
+    unit = {"enabled": True, "module": "none", "model": args.controlnet, "weight": weight,
+            "image": hint_image(size["width"], size["height"], turned), "resize_mode": "Crop and Resize",
+            "guidance_start": start, "guidance_end": end, "pixel_perfect": False, "control_mode": mode,
+            "save_detected_map": False}
+    return {"alwayson_scripts": {"controlnet": {"args": [unit]}}}
+
+
+CONTROLNET_VARIATIONS = {"weight 0.5": {"weight": 0.5}, "start/end 0.2-0.7": {"start": 0.2, "end": 0.7},
+                         "another hint": {"turned": True}, "soft injection": {"mode": "My prompt is more important"},
+                         "cfg injection": {"mode": "ControlNet is more important"}}
+
+
+def controlnet_recompiles(ui: WebUI, args) -> dict:
+    outcomes = {}
+    for what, settings in CONTROLNET_VARIATIONS.items():
+        _, infotext = ui.txt2img(True, steps=args.steps, **image_size(args), **controlnet_unit(args, **settings))
+        outcomes[what] = require_script_ran(infotext)
+    recompiles = sum(not outcome.startswith("reused") for outcome in outcomes.values())
+    print(f"| {len(outcomes)} varied ControlNet requests ({', '.join(outcomes)}): recompiles | | {recompiles} | |")
+    return {"bench": "speed controlnet variations", "controlnet": args.controlnet, "outcomes": outcomes,
+            "recompiles": recompiles}
+
+
 def speed(ui: WebUI, args) -> list[dict]:
     ui.select(args.checkpoint)
-    size = image_size(args)
+    size = {**image_size(args), **(controlnet_unit(args) if args.controlnet else {})}
     ui.txt2img(False, steps=4, **size)  # warm-up: cuDNN/cuBLAS choices, allocator
     eager_s, eager_its = steps_per_second(ui, args.repeat, False, args.steps, **size)
     eager_memory = ui.memory_gib()
@@ -148,12 +195,14 @@ def speed(ui: WebUI, args) -> list[dict]:
     script_memory = ui.memory_gib()
     eager_image, script_image = (ui.image(script, steps=args.steps, **size) for script in (False, True))
     difference = abs(eager_image.astype(int) - script_image.astype(int))
-    row = {"bench": "speed", "checkpoint": args.checkpoint, "size": f"{size['width']}x{size['height']}",
+    row = {"bench": "speed", "checkpoint": args.checkpoint, "controlnet": args.controlnet,
+           "size": f"{size['width']}x{size['height']}",
            "steps": args.steps, "eager s": eager_s, "eager it/s": eager_its, "script s": script_s,
            "script it/s": script_its, "first script request s": first_s, "first request": outcome,
            "eager memory GiB": eager_memory, "memory after script GiB": script_memory,
            "image difference mean": float(difference.mean()), "image difference max": int(difference.max())}
-    print(f"\n| {args.checkpoint} {row['size']}, {args.steps} steps Euler a, batch 1 | eager | script | ratio |")
+    with_unit = f" + ControlNet {args.controlnet}" if args.controlnet else ""
+    print(f"\n| {args.checkpoint}{with_unit} {row['size']}, {args.steps} steps Euler a, batch 1 | eager | script | ratio |")
     print("|---|---|---|---|")
     print(f"| end to end, s | {eager_s:.2f} | {script_s:.2f} | {eager_s / script_s:.2f}x |")
     print(f"| it/s | {eager_its:.2f} | {script_its:.2f} | {script_its / eager_its:.2f}x |")
@@ -162,7 +211,7 @@ def speed(ui: WebUI, args) -> list[dict]:
         print(f"| {key}, GiB | {eager_memory[key]:.2f} | {script_memory[key]:.2f} (max of both) | |")
     print(f"| image vs eager's, same seed: mean / max abs difference of uint8 pixels | | "
           f"{row['image difference mean']:.2f} / {row['image difference max']} | |")
-    return [row]
+    return [row, controlnet_recompiles(ui, args)] if args.controlnet else [row]
 
 
 def switch(ui: WebUI, args) -> list[dict]:
@@ -290,6 +339,7 @@ def main() -> None:
                         "(9: prime to a round's 28 requests, so the sample goes through every kind of request)")
     parser.add_argument("--sizes-sd15", help="soak: three WIDTHxHEIGHT, the hires fix goes from the third to the first")
     parser.add_argument("--sizes-sdxl", help="soak: the same for SDXL")
+    parser.add_argument("--controlnet", help="speed: with one unit of this ControlNet model (sd-webui-controlnet)")
     args = parser.parse_args()
     started = None
     if args.start:

@@ -48,6 +48,7 @@ else:
     from sd_webui_onediff.compile.layers import PLAIN_FORWARDS  # noqa: E402
     from sd_webui_onediff.compile.patching import patched  # noqa: E402
     from sd_webui_onediff.compile.registry import CompiledUNets  # noqa: E402
+    from sd_webui_onediff.controlnet import glue as controlnet_glue  # noqa: E402
     from sd_webui_onediff.lora import FusedLoras, backup_copies, fits_on_gpu  # noqa: E402
 
     COMPILED_UNETS = CompiledUNets()
@@ -202,11 +203,12 @@ class Generation:
         self.bound = []  # (model, its eager UNet, Lookup) in binding order
         self.refused = []  # eager UNets of models that cannot be compiled, with a note for the infotext
         self.compile_counts = {}  # backend -> its number of compiles when this generation first used it
+        self.control_models = []  # Lookup of each ControlNet model compiled in this generation
 
     def bind(self, sd_model) -> None:
         model = sd_model.model
         unet = model.diffusion_model
-        if isinstance(unet, CompiledUNet) or any(unet is refused for refused, _ in self.refused):
+        if isinstance(unet, (CompiledUNet, controlnet_glue.ControlNetUNet)) or any(unet is refused for refused, _ in self.refused):
             return
         name = sd_model.sd_checkpoint_info.name_for_extra
         reason = unsupported_reason(unet)
@@ -216,23 +218,37 @@ class Generation:
             self.update_infotext()
             return
         lookup = COMPILED_UNETS.get(
-            unet, compile_options(), recompile=self.args.always_recompile and not self.bound,
+            controlnet_glue.compiled_target(unet), compile_options(), recompile=self.args.always_recompile and not self.bound,
             on_compile_start=self.on_compile_start, on_compile_end=self.update_infotext,
         )
         print(f"OneDiff: {lookup.how} compiled UNet {type(unet).__module__}.{type(unet).__qualname__} for {name}")
         self.compile_counts.setdefault(lookup.compiled.backend, len(lookup.compiled.stats.compile_seconds))
         lookup.compiled.before_call = lora_fusing(self.p, unet, lookup.compiled)
         lookup.compiled.expected_class_forwards = SWAPPED_FORWARDS
-        model.diffusion_model = lookup.compiled
+        # ControlNet models gain from compiling on CUDA only (CUDA graphs, fused kernels).
+        control_models = self.compile_control_model if shared.device.type == "cuda" else None
+        model.diffusion_model = controlnet_glue.bound_module(unet, lookup.compiled, control_models)
         self.bound.append((model, unet, lookup))
         self.update_infotext()
+
+    def compile_control_model(self, control_model: torch.nn.Module) -> CompiledUNet:
+        """A ControlNet model, compiled like a UNet (a structure of its own in the registry), counted in the infotext."""
+        lookup = COMPILED_UNETS.get(control_model, compile_options(), on_compile_start=self.on_compile_start,
+                                    on_compile_end=self.update_infotext)
+        self.compile_counts.setdefault(lookup.compiled.backend, len(lookup.compiled.stats.compile_seconds))
+        lookup.compiled.expected_class_forwards = SWAPPED_FORWARDS
+        self.control_models.append(lookup)
+        return lookup.compiled
+
+    def lookups(self) -> list:
+        return [*(lookup for _, _, lookup in self.bound), *self.control_models]
 
     def restore(self) -> None:
         for model, unet, _ in reversed(self.bound):
             model.diffusion_model = unet
 
     def failures(self) -> list[str]:
-        return list(dict.fromkeys(lookup.compiled.failure for _, _, lookup in self.bound if lookup.compiled.failure))
+        return list(dict.fromkeys(lookup.compiled.failure for lookup in self.lookups() if lookup.compiled.failure))
 
     def describe(self) -> str:
         if self.failures():
@@ -240,7 +256,7 @@ class Generation:
         if not self.bound:
             return ", ".join([*self.outcome, "not used"])
         new = [s for backend, count in self.compile_counts.items() for s in backend.stats.compile_seconds[count:]]
-        fresh = any(lookup.how == "new" for _, _, lookup in self.bound)
+        fresh = any(lookup.how == "new" for lookup in self.lookups())
         done = f"compiled in {sum(new):.1f} s" if new else ("compiled" if fresh else "reused")
         return ", ".join([*self.outcome, done, *(note for _, note in self.refused)])
 

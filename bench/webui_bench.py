@@ -345,7 +345,7 @@ def main() -> None:
     if args.start:
         import webui_start
 
-        names = {args.checkpoint, args.to, args.lora} | (soak_models(args.start) if args.bench == "soak" else set())
+        names = {args.checkpoint, args.to, args.lora, args.controlnet} | (soak_models(args.start) if args.bench == "soak" else set())
         started = webui_start.start_webui(args.start, {name for name in names if name})
         args.url = started.base_url
     try:

@@ -25,10 +25,13 @@ SDXL_CONFIG = "repositories/generative-models/configs/inference/sd_xl_base.yaml"
 FULL_CHECKPOINTS = {"sd15-a": (SD15_CONFIG, 1), "sd15-b": (SD15_CONFIG, 2), "sdxl-a": (SDXL_CONFIG, 3),
                     "sdxl-b": (SDXL_CONFIG, 4)}
 FULL_LORAS = {"lora-sd15": (SD15_CONFIG, 11), "lora-sdxl": (SDXL_CONFIG, 13)}
+FULL_CONTROLNETS = {"controlnet-sd15-random", "controlnet-sdxl-random"}  # checkpoints.py --full-size builds both
 LORA_RANK = 16
 TINY_EXTRA = {"tiny-sdxl-b": (str(HARNESS_DIR / "configs" / "tiny-sdxl.yaml"), 4)}
 LORA_BUILDER = ("import sys; sys.path.insert(0, {harness!r}); from checkpoints import build_lora; "
                 "build_lora({config!r}, {out!r}, {seed}, rank={rank})")
+CONTROLNET_BUILDER = ("import sys; sys.path.insert(0, {harness!r}); from checkpoints import build_controlnet_models; "
+                      "build_controlnet_models({out!r}, {controlnet!r}, {webui!r}, full_size=True)")
 
 
 def harness():
@@ -54,6 +57,13 @@ def build_commands(ui, names: set[str], full: bool, folder: Path) -> list[tuple[
             out = folder / "Stable-diffusion" / f"{name}.safetensors"
             command = [ui.python, str(HARNESS_DIR / "checkpoints.py"), str(out.parent), "--webui", str(ui.webui_path),
                        "--config", str(ui.webui_path / config), "--name", name, "--seed", str(seed), "--half"]
+        elif full and name in FULL_CONTROLNETS:
+            out = folder / "ControlNet" / "controlnet-sd15-random.safetensors"
+            command = [ui.python, "-c", CONTROLNET_BUILDER.format(
+                harness=str(HARNESS_DIR), out=str(out.parent), controlnet=os.environ.get("SD_WEBUI_CONTROLNET"),
+                webui=str(ui.webui_path))]
+            if any(made == out for made, _ in commands):
+                continue
         elif full and name in FULL_LORAS:
             config, seed = FULL_LORAS[name]
             out = folder / "Lora" / f"{name}.safetensors"
@@ -85,7 +95,7 @@ def wait_builds(running: list[tuple[Path, subprocess.Popen]]) -> None:
 
 
 def link_models(folder: Path, data_dir: Path) -> None:
-    for kind in ("Stable-diffusion", "Lora"):
+    for kind in ("Stable-diffusion", "Lora", "ControlNet"):
         for path in sorted((folder / kind).glob("*")):
             if path.suffix in (".safetensors", ".yaml"):
                 link = data_dir / "models" / kind / path.name
@@ -102,6 +112,11 @@ def start_webui(kind: str, names: set[str]):
     # --no-hashing: webui would read every full-size checkpoint through once more (sha256) on its first load
     extra_args = (["--opt-sdp-attention"] if on_gpu() else []) + (["--no-hashing"] if full else [])
     ui = harness().make_webui(base, extra_args=extra_args)  # builds the tiny models
+    if FULL_CONTROLNETS & names:
+        controlnet = os.environ.get("SD_WEBUI_CONTROLNET")  # bench/device_kit.py run --controlnet sets it
+        if not controlnet:
+            raise SystemExit("webui_bench: --controlnet needs SD_WEBUI_CONTROLNET (bench/device_kit.py run --controlnet)")
+        ui.install_extension(Path(controlnet), name="sd-webui-controlnet")
     folder = Path(os.environ.get("SD_WEBUI_MODEL_CACHE") or base / "built") if full else ui.data_dir / "models"
     running = start_builds(ui, build_commands(ui, names, full, folder))
     print(f"webui_bench: building {len(running)} model(s) while webui starts", flush=True)

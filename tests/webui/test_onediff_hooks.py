@@ -2,7 +2,9 @@
 
 Webui's builtin Hypertile runs as it is; the hooks of IP-Adapter / Regional Prompter (instance forwards on ``attn2``),
 Self-attention guidance (an instance forward on a middle-block ``attn1`` feeding a ``cfg_denoised`` callback) and FreeU
-(webui's ``th.cat`` patched with a step-dependent factor) are reproduced by the test extension ``hook_standins/``.
+(webui's ``th.cat`` patched with a step-dependent factor) are reproduced by the test extension ``hook_standins/``, and
+so are two hooks outside the UNet: Dynamic Thresholding's (the sampler's CFG combination replaced) and ADetailer's (a
+nested img2img inpainting pass in ``postprocess_image``), which run compiled, without compiling again.
 
 Each test compares the script's image with eager webui's with the same hook (the harness's threshold), checks that
 the hook changed the image at all (``assert_differs``: a hook that does nothing passes every equality; for Hypertile,
@@ -78,6 +80,34 @@ def test_a_patched_function_is_traced_when_inactive_and_refused_when_it_changes_
     image, text = scripted(ui, **standin("freeu"))
     assert_close(image, stepped, "script with the freeu stand-in vs eager")
     assert_eager_naming(text, "reads changed between calls", "read by stepped_cat in hook_standins/lib_hook_standins.py")
+
+
+def assert_reused_and_equal(ui, kind: str) -> None:
+    """The stand-in hooks outside the UNet: the script's image equals eager webui's with it, from the graph compiled
+    for this size without it (no recompile: ``reused``). Runs before Hypertile's test, whose wrappers stay."""
+    image, text = scripted(ui)
+    assert field(text) == "reused" or field(text).startswith("compiled"), text
+    without = plain(ui)
+    assert_close(image, without, "script without a stand-in vs eager")
+    hooked = plain(ui, **standin(kind))
+    assert_differs(hooked, without, f"{kind} stand-in")
+    image, text = scripted(ui, **standin(kind))
+    assert field(text) == "reused", f"{kind} stand-in made the UNet compile again: {text}"
+    assert_close(image, hooked, f"script with the {kind} stand-in vs eager")
+
+
+def test_a_replaced_cfg_combination_runs_compiled(ui):
+    """Dynamic Thresholding swaps the sampler for one whose CFG denoiser has its own ``combine_denoised``."""
+    assert_reused_and_equal(ui, "dynthres")
+
+
+def test_a_nested_inpainting_pass_in_postprocess_image_runs_compiled(ui):
+    """ADetailer's img2img inpainting pass runs inside the scripted generation (its ``postprocess_image``) through the
+    compiled UNet: at the same size (its crop is resized to the image's size), the same graph."""
+    assert_reused_and_equal(ui, "adetailer")
+    response = ui.get("/hook-standins/inner-pass-unets")
+    response.raise_for_status()
+    assert response.json()[-2:] == ["UNetModel", "CompiledUNet"], "the eager run's inner pass, then the script's"
 
 
 def assert_hypertile(image, tiled, untiled, what: str) -> None:

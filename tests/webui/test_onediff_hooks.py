@@ -110,6 +110,17 @@ def test_a_nested_inpainting_pass_in_postprocess_image_runs_compiled(ui):
     assert response.json()[-2:] == ["UNetModel", "CompiledUNet"], "the eager run's inner pass, then the script's"
 
 
+def test_a_nested_pass_at_another_size_compiles_once_for_it(ui):
+    """ADetailer's separate inpaint size: the inner pass is a new shape, compiled once within the generation (the
+    infotext says so), then reused; the image equals eager's."""
+    kind = "adetailer 96"
+    hooked = plain(ui, **standin(kind))
+    for expected in ("compiled in", "reused"):
+        image, text = scripted(ui, **standin(kind))
+        assert field(text).startswith(expected), f"{expected!r} expected: {text}"
+        assert_close(image, hooked, f"script with the {kind} stand-in vs eager")
+
+
 def assert_hypertile(image, tiled, untiled, what: str) -> None:
     """Hypertile tiles one attention layer of the tiny model: it moves the image by a fraction of a pixel value on
     average, below the harness's threshold for 'different', but the images it makes are exact up to float rounding

@@ -7,7 +7,13 @@ the hook ran.
 - ``sag``: an instance forward on the middle block's ``attn1`` that keeps its output for a ``cfg_denoised`` callback,
   which fails when the forward did not run (Self-attention guidance);
 - ``freeu``: webui's ``th.cat`` (the UNet's skip-connection concatenation), patched once at load and active when asked
-  for, changing from step to step (FreeU).
+  for, changing from step to step (FreeU);
+- ``dynthres``: the sampler swapped, for the batch, for one whose CFG denoiser combines cond and uncond with a
+  thresholding formula (Dynamic Thresholding replaces ``CFGDenoiser.combine_denoised`` this way);
+- ``adetailer``: a second pass over each finished image, in ``postprocess_image``: img2img inpainting of a fixed
+  region through a nested ``process_images`` sharing p's infotext parameters, with a copy of the script runner keeping
+  only whitelisted always-on scripts (ADetailer, with a rectangle where it has a detector's mask); ``adetailer SIZE``
+  inpaints at SIZE x SIZE (ADetailer's separate inpaint width and height), not at the image's size.
 
 ``GET /hook-standins/lost`` lists the hooks that were not in place any more when a generation ended;
 ``GET /hook-standins/inner-pass-unets`` the class of the UNet each ``adetailer`` inner pass started with.
@@ -85,7 +91,7 @@ def restore_sampler(p) -> None:
     p.sampler_name = p.standin_sampler_name
 
 
-def detail_region(p, pp) -> None:
+def detail_region(p, pp, size: int | None) -> None:
     """Inpaints a fixed region of ``pp.image`` again (ADetailer's pass over a detected face), sharing p's infotext."""
     mask = Image.new("L", pp.image.size)
     ImageDraw.Draw(mask).rectangle((8, 8, pp.image.width // 2, pp.image.height // 2), fill=255)
@@ -93,7 +99,7 @@ def detail_region(p, pp) -> None:
         sd_model=p.sd_model, init_images=[pp.image], mask=mask, mask_blur=2, inpainting_fill=1, inpaint_full_res=True,
         inpaint_full_res_padding=8, denoising_strength=0.6, prompt=p.prompt + ", detailed", negative_prompt=p.negative_prompt,
         seed=p.seeds[p.batch_index], sampler_name=p.sampler_name, batch_size=1, n_iter=1, steps=p.steps,
-        cfg_scale=p.cfg_scale, width=p.width, height=p.height, extra_generation_params=p.extra_generation_params,
+        cfg_scale=p.cfg_scale, width=size or p.width, height=size or p.height, extra_generation_params=p.extra_generation_params,
         do_not_save_samples=True, do_not_save_grid=True,
     )
     inner.scripts = copy(p.scripts)
@@ -121,7 +127,7 @@ class HookStandIns(scripts.Script):
 
     def process(self, p, kind=""):
         # FreeU's switch, read by the traced th.cat, is its own: the hooks outside the UNet leave it alone.
-        ACTIVE["kind"] = "" if kind in OUTSIDE_THE_UNET else kind
+        ACTIVE["kind"] = "" if kind.split(" ")[0] in OUTSIDE_THE_UNET else kind
         unet = p.sd_model.model.diffusion_model
         wrap = {"attn2": add_second_context, "sag": keep_output}.get(kind)
         self.installed = [
@@ -141,8 +147,9 @@ class HookStandIns(scripts.Script):
             restore_sampler(p)
 
     def postprocess_image(self, p, pp, kind=""):
-        if kind == "adetailer":
-            detail_region(p, pp)
+        name, _, size = kind.partition(" ")
+        if name == "adetailer":
+            detail_region(p, pp, int(size) if size else None)
 
     def postprocess(self, p, processed, *args):
         for module, previous, forward in self.installed:

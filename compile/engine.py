@@ -63,10 +63,13 @@ def call_signature(args, kwargs) -> tuple:
 def relay_convolutions(unet: torch.nn.Module, memory_format: torch.memory_format) -> None:
     """Re-lays every convolution weight in ``memory_format`` within its own storage: only the order of the elements
     changes, the address stays, so CUDA-graph recordings and LoRA backups keep pointing at the same memory and no
-    second copy of the weights is kept."""
+    second copy of the weights is kept. Only weights laid densely in one of the two orders are touched: another
+    layout could share its storage with other data."""
     with torch.no_grad():
         for module in unet.modules():
-            if isinstance(module, torch.nn.Conv2d) and not module.weight.is_contiguous(memory_format=memory_format):
+            if not isinstance(module, torch.nn.Conv2d) or module.weight.is_contiguous(memory_format=memory_format):
+                continue
+            if module.weight.is_contiguous() or module.weight.is_contiguous(memory_format=torch.channels_last):
                 relaid = module.weight.contiguous(memory_format=memory_format)
                 module.weight.data = module.weight.data.as_strided(relaid.shape, relaid.stride())
                 module.weight.copy_(relaid)
@@ -100,8 +103,10 @@ class CompiledUNet(torch.nn.Module):
 
     It owns no weights: its parameters, buffers and submodules are the eager module's, under the same names.
 
-    A call that has to compile and fails (a graph break, an Inductor or Triton error) does not raise: it runs the eager
-    module, and ``failure`` holds the reason, which callers must show to the user; every later call runs eagerly too.
+    A compiled call that fails, compiling (a graph break, an Inductor or Triton error) or running (CUDA out of memory
+    in a first replay), does not raise: it runs the eager module, with the convolutions laid back as eager webui has
+    them, and ``failure`` holds the reason (``describe_failure``), which callers must show to the user; every later
+    call of the generation runs eagerly too.
     So does a call that finds another extension's hook on the UNet (``foreign_hooks``), or that would compile again,
     after the first call of a generation, for inputs like those of an earlier compiled call (a value the traced code
     reads changed: a step counter would make it compile on every step).
@@ -258,9 +263,9 @@ def describe_failure(error: BaseException, unet_class: type, *, compiling: bool)
             if isinstance(error, torch.OutOfMemoryError) else "the next generation tries the compiled UNet again"
         )
         return f"runtime error in the compiled UNet ({error_summary(error)}), this call and the rest ran eagerly; {advice}"
-    if isinstance(error, torch._dynamo.exc.BackendCompilerFailed):  # its first line names the backend object only
-        error = error.inner_exception
-    first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    # A compiler failure's own first line names only the backend object: the compiler's error says what failed.
+    shown = error.inner_exception if isinstance(error, torch._dynamo.exc.BackendCompilerFailed) else error
+    first_line = (str(shown).strip().splitlines() or [type(shown).__name__])[0]
     if isinstance(error, torch._dynamo.exc.RecompileError):
         return (
             f"a value the compiled UNet reads changed between calls with inputs of the same shapes "
@@ -284,7 +289,7 @@ def describe_failure(error: BaseException, unet_class: type, *, compiling: bool)
             f"compile failed: the UNet cannot be captured in one graph ({first_line}); another extension that patches "
             "the UNet's forward (e.g. ControlNet, hypernetworks) is the usual cause: disable it for this generation"
         )
-    return f"compile failed: {type(error).__name__}: {first_line}"
+    return f"compile failed: {error_summary(shown)}"
 
 
 def value_recompile(error: torch._dynamo.exc.RecompileError) -> str:

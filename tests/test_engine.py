@@ -228,7 +228,8 @@ def test_compile_failures_and_runtime_errors_are_told_apart(monkeypatch):
     unet = arch.sd_unet(arch.SD15_TINY, seed=8)
     args, kwargs = arch.sd_inputs(arch.SD15_TINY, tokens=7)
     expected = unet(*args, **kwargs)
-    for backend, kind in ((failing_compile, "compile failed: "), (first_run_fails, "runtime error in the compiled UNet")):
+    for backend, kind in ((failing_compile, "compile failed: RuntimeError: injected Inductor failure"),
+                          (first_run_fails, "runtime error in the compiled UNet (OutOfMemoryError: CUDA out of memory")):
         torch._dynamo.reset()
         monkeypatch.setattr(engine, "compile_fx", backend)
         ended = []

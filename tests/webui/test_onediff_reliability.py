@@ -20,10 +20,10 @@ import pytest
 np = pytest.importorskip("numpy")
 
 from test_onediff_script import DEFAULT_ARGS, SCRIPT, infotext, onediff, plain, scripted  # noqa: E402
-from webui_harness import assert_close, assert_differs  # noqa: E402
+from webui_harness import assert_close, assert_differs, difference  # noqa: E402
 
 FAULTS = Path(__file__).resolve().parent / "fault_extension"
-LORA = "<lora:odl-sd15-unet:1>"
+LORA = "<lora:tiny-lora-sd15:1>"  # built with the checkpoints by the harness
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +125,7 @@ def test_a_fault_ends_in_the_eager_image_and_its_reason(ui, stage):
     eager = plain(ui, **payload)
     assert_close(image, eager, f"fault at {stage} vs eager")
     if stage == "lora fuse":
-        assert_differs(image, plain(ui), "the LoRA was applied by the eager fallback")
+        assert difference(image, plain(ui))[0] > 1, "the eager fallback did not apply the LoRA"
     if stage == "compile":
         return  # compiling at this size is "first replay"'s job, next
     # The fault is gone: the next request runs compiled (the graph whose first replay failed is reused).

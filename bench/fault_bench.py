@@ -11,8 +11,10 @@ bit for bit with the reason (``compile failed`` or ``runtime error``); an "eager
 itself would fail.
 
 ``switches``: the same architecture again and again, alternately the same model with its weights moved to the CPU and
-back (new addresses, as webui's checkpoint switch does) and a new model object, each followed by a compiled call:
-GPU memory allocated and reserved after each round must stay within 10% of round 1's, with no recompile.
+back (new addresses, as webui's checkpoint switch does) and a new model object, each followed by compiled calls:
+GPU memory allocated and reserved after each round must stay within 10% of round 1's, with no recompile. CUDA-graph
+trees record a graph again for every new set of weight addresses and keep the old recordings (they hold addresses,
+not tensors), checking each on every call: the ms per call column shows whether that check grows with the switches.
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ runpy.run_path(str(Path(__file__).with_name("bootstrap.py")))
 
 from sd_webui_onediff.compile import CompiledUNet, CompileOptions  # noqa: E402
 from sd_webui_onediff.compile.registry import CompiledUNets  # noqa: E402
-from sd_webui_onediff.bench.unet_bench import CASES, fp16_autocast, on_device, peak_gib, relative_error  # noqa: E402
+from sd_webui_onediff.bench.unet_bench import CASES, fp16_autocast, on_device, peak_gib, relative_error, timed_ms  # noqa: E402
 
 
 def model(args, device: torch.device, seed: int = 0):
@@ -82,8 +84,8 @@ def switches(args, device: torch.device) -> None:
     registry = CompiledUNets()
     unet, inputs, kwargs = model(args, device)
     autocast = fp16_autocast(device)
-    print("| round | switch | how | graphs compiled | allocated GiB | reserved GiB | error vs eager |")
-    print("|---|---|---|---|---|---|---|")
+    print("| round | switch | how | graphs compiled | ms per call | allocated GiB | reserved GiB | error vs eager |")
+    print("|---|---|---|---|---|---|---|---|")
     with torch.no_grad():
         for round_ in range(1, args.rounds + 1):
             if round_ > 1 and round_ % 2:
@@ -97,15 +99,15 @@ def switches(args, device: torch.device) -> None:
             lookup = registry.get(unet, CompileOptions())
             with autocast:
                 out = lookup.compiled(*inputs, **kwargs)
-                out = lookup.compiled(*inputs, **kwargs)  # a replay after the recording
+                milliseconds = timed_ms(lambda: lookup.compiled(*inputs, **kwargs), device, repeat=5)
                 lookup.compiled.restore_eager_layout()
                 expected = unet(*inputs, **kwargs)
             if device.type == "cuda":
                 torch.cuda.synchronize()
             allocated = torch.cuda.memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
             reserved = torch.cuda.memory_reserved(device) / 2**30 if device.type == "cuda" else float("nan")
-            print(f"| {round_} | {switch} | {lookup.how} | {lookup.compiled.stats.graphs_compiled} | {allocated:.2f} | "
-                  f"{reserved:.2f} | {relative_error(out, expected):.1e} |")
+            print(f"| {round_} | {switch} | {lookup.how} | {lookup.compiled.stats.graphs_compiled} | {milliseconds:.2f} | "
+                  f"{allocated:.2f} | {reserved:.2f} | {relative_error(out, expected):.1e} |")
 
 
 def main() -> None:

@@ -332,20 +332,6 @@ def test_refiner_switches_reuse_the_graph(ui, sums):
     assert_all_close(eager(ui, **REFINED), reference, "eager after the scripted refiner runs")
 
 
-def test_a_lora_stays_on_a_refiner_loaded_in_place(ui, sums):
-    """The refiner's weights load into the same model between two steps; webui's Lora resets each layer's LoRA state
-    then, and eager webui applies the LoRA to the refiner's weights again: so must the compiled UNet (issue 13 a)."""
-    ui.select_checkpoint("tiny-sdxl")
-    lora = {"prompt": "a photo of a cat <lora:tiny-lora-sdxl:1>", **REFINED}
-    reference = eager(ui, **lora)
-    images, texts, steps = request(ui, ARGS, **lora)
-    assert_outcome(texts, "either", "refiner with a LoRA")
-    assert_compiled_steps(steps, sums, "refiner with a LoRA")
-    assert [s["checkpoint"] for s in steps][-1] == REFINER
-    assert_all_close(images, reference, "refiner with a LoRA")
-    assert_differs(images[0], eager(ui, **REFINED)[0], "the LoRA on the refined image")
-
-
 def test_always_recompile_compiles_a_known_shape(on_a, sums, sd15_a):
     images, texts, steps = request(on_a, ARGS)
     assert_outcome(texts, "reused", "known shape")

@@ -30,9 +30,7 @@ LORA = "<lora:tiny-lora-sd15:1>"  # built with the checkpoints by the harness
 
 @pytest.fixture(scope="module")
 def ui(webui_factory):
-    ui = webui_factory(start=False)
-    ui.install_extension(FAULTS, name="onediff_faults")
-    ui.start()
+    ui = webui_factory(extensions={"onediff_faults": FAULTS})
     ui.select_checkpoint("tiny-sd15-a")
     _, text = scripted(ui, script_args=DEFAULT_ARGS)  # the shared 64x64 graph
     assert onediff(text).startswith("compiled in "), text

@@ -18,6 +18,9 @@ SD15_FULL = dict(in_channels=4, out_channels=4, model_channels=320, attention_re
                  context_dim=768, legacy=False, image_size=32)
 SD15_TINY = dict(SD15_FULL, model_channels=32, attention_resolutions=[1, 2], num_res_blocks=1, channel_mult=[1, 2],
                  num_heads=2, context_dim=64)
+SD15_NARROW = dict(SD15_FULL, model_channels=32, num_heads=2, context_dim=64)
+"""SD1.5's full topology (12 input blocks, 3 downsamplings, attention at 3 levels) at narrow width: ControlNet's model
+guesser and its 13 control slots assume this topology."""
 SD2_TINY = dict(SD15_TINY, num_heads=-1, num_head_channels=16, context_dim=96, use_linear_in_transformer=True)
 SDXL_FULL = dict(adm_in_channels=2816, num_classes="sequential", in_channels=4, out_channels=4, model_channels=320,
                  attention_resolutions=[4, 2], num_res_blocks=2, channel_mult=[1, 2, 4], num_head_channels=64,

@@ -121,6 +121,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=20, help="switches: how many switches")
     args = parser.parse_args()
     device = torch.device(args.device)
+    if device.type == "cuda" and device.index is None:  # set_per_process_memory_fraction needs the index
+        device = torch.device("cuda", torch.cuda.current_device())
     {"oom": oom, "switches": switches}[args.mode](args, device)
 
 

@@ -22,6 +22,16 @@ Each prints a markdown table and appends its rows to ``--json``. Only the standa
 - ``session``: a list of requests (``[{"checkpoint": ..., "payload": {...}}, ...]``) run with the script; counts what
   each did (``OneDiff: compiled / reused / loaded``) from the infotext.
 - ``first-image``: seconds of the first request after a webui start, with the script and a saved compiler cache.
+- ``soak``: ``--count`` mixed requests (two SD1.5 and two SDXL checkpoints, three sizes, hires fix, refiner, LoRA on
+  and off) in one webui; failed requests, eager fallbacks, images against eager webui's, compiles against new shapes,
+  GPU memory round by round (``bench/webui_soak.py`` says what it checks).
+- ``speed --controlnet NAME``: every request with one sd-webui-controlnet unit of that model (preprocessor ``none``,
+  a generated hint image), then 5 varied ControlNet requests with the script (weight, start/end, hint, control mode),
+  whose infotexts count the recompiles (0 expected). Build random full-size ControlNets with
+  ``tests/webui/checkpoints.py OUT --controlnet-dir <webui>/models/ControlNet --full-size``.
+
+``--start tiny|full`` starts a webui itself instead of ``--url`` (``bench/webui_start.py``: the test harness's webui
+with tiny or full-size random checkpoints; on a GPU machine without network, inside ``bench/device_kit.py run``).
 """
 from __future__ import annotations
 
@@ -130,9 +140,52 @@ def image_size(args) -> dict:
     return {"width": args.width or args.size, "height": args.size}
 
 
+def hint_image(width: int, height: int, turned: bool = False) -> str:
+    """A base64 PNG with gradients and a disc (numpy and PIL needed here only)."""
+    import base64
+    import io
+
+    import numpy
+    from PIL import Image
+
+    y, x = numpy.mgrid[0:height, 0:width] / max(width, height) * 255
+    disc = ((x - 160) ** 2 + (y - 100) ** 2 < 60 ** 2) * 120
+    pixels = numpy.stack([x, y, 255 - x / 2 - disc], axis=-1).clip(0, 255).astype(numpy.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels[:, ::-1] if turned else pixels).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def controlnet_unit(args, weight: float = 1.0, start: float = 0.0, end: float = 1.0, turned: bool = False,
+                    mode: str = "Balanced") -> dict:
+    """``alwayson_scripts`` with one ControlNet unit of ``--controlnet`` (preprocessor none, the hint given)."""
+    size = image_size(args)
+    unit = {"enabled": True, "module": "none", "model": args.controlnet, "weight": weight,
+            "image": hint_image(size["width"], size["height"], turned), "resize_mode": "Crop and Resize",
+            "guidance_start": start, "guidance_end": end, "pixel_perfect": False, "control_mode": mode,
+            "save_detected_map": False}
+    return {"alwayson_scripts": {"controlnet": {"args": [unit]}}}
+
+
+CONTROLNET_VARIATIONS = {"weight 0.5": {"weight": 0.5}, "start/end 0.2-0.7": {"start": 0.2, "end": 0.7},
+                         "another hint": {"turned": True}, "soft injection": {"mode": "My prompt is more important"},
+                         "cfg injection": {"mode": "ControlNet is more important"}}
+
+
+def controlnet_recompiles(ui: WebUI, args) -> dict:
+    outcomes = {}
+    for what, settings in CONTROLNET_VARIATIONS.items():
+        _, infotext = ui.txt2img(True, steps=args.steps, **image_size(args), **controlnet_unit(args, **settings))
+        outcomes[what] = require_script_ran(infotext)
+    recompiles = sum(not outcome.startswith("reused") for outcome in outcomes.values())
+    print(f"| {len(outcomes)} varied ControlNet requests ({', '.join(outcomes)}): recompiles | | {recompiles} | |")
+    return {"bench": "speed controlnet variations", "controlnet": args.controlnet, "outcomes": outcomes,
+            "recompiles": recompiles}
+
+
 def speed(ui: WebUI, args) -> list[dict]:
     ui.select(args.checkpoint)
-    size = image_size(args)
+    size = {**image_size(args), **(controlnet_unit(args) if args.controlnet else {})}
     ui.txt2img(False, steps=4, **size)  # warm-up: cuDNN/cuBLAS choices, allocator
     eager_s, eager_its = steps_per_second(ui, args.repeat, False, args.steps, **size)
     eager_memory = ui.memory_gib()
@@ -142,12 +195,14 @@ def speed(ui: WebUI, args) -> list[dict]:
     script_memory = ui.memory_gib()
     eager_image, script_image = (ui.image(script, steps=args.steps, **size) for script in (False, True))
     difference = abs(eager_image.astype(int) - script_image.astype(int))
-    row = {"bench": "speed", "checkpoint": args.checkpoint, "size": f"{size['width']}x{size['height']}",
+    row = {"bench": "speed", "checkpoint": args.checkpoint, "controlnet": args.controlnet,
+           "size": f"{size['width']}x{size['height']}",
            "steps": args.steps, "eager s": eager_s, "eager it/s": eager_its, "script s": script_s,
            "script it/s": script_its, "first script request s": first_s, "first request": outcome,
            "eager memory GiB": eager_memory, "memory after script GiB": script_memory,
            "image difference mean": float(difference.mean()), "image difference max": int(difference.max())}
-    print(f"\n| {args.checkpoint} {row['size']}, {args.steps} steps Euler a, batch 1 | eager | script | ratio |")
+    with_unit = f" + ControlNet {args.controlnet}" if args.controlnet else ""
+    print(f"\n| {args.checkpoint}{with_unit} {row['size']}, {args.steps} steps Euler a, batch 1 | eager | script | ratio |")
     print("|---|---|---|---|")
     print(f"| end to end, s | {eager_s:.2f} | {script_s:.2f} | {eager_s / script_s:.2f}x |")
     print(f"| it/s | {eager_its:.2f} | {script_its:.2f} | {script_its / eager_its:.2f}x |")
@@ -156,7 +211,7 @@ def speed(ui: WebUI, args) -> list[dict]:
         print(f"| {key}, GiB | {eager_memory[key]:.2f} | {script_memory[key]:.2f} (max of both) | |")
     print(f"| image vs eager's, same seed: mean / max abs difference of uint8 pixels | | "
           f"{row['image difference mean']:.2f} / {row['image difference max']} | |")
-    return [row]
+    return [row, controlnet_recompiles(ui, args)] if args.controlnet else [row]
 
 
 def switch(ui: WebUI, args) -> list[dict]:
@@ -232,11 +287,37 @@ def first_image(ui: WebUI, args) -> list[dict]:
              "graphs": outcome}]
 
 
+def soak_models(start: str) -> set[str]:
+    import webui_soak
+
+    return webui_soak.model_names(start == "tiny")
+
+
+def soak(ui: WebUI, args, started=None) -> list[dict]:
+    import webui_soak
+    import webui_start
+
+    harness = webui_start.harness()
+
+    def compare(payload: dict) -> tuple[float, int]:
+        return harness.difference(ui.image(True, **payload), ui.image(False, **payload))
+
+    args.tiny = (args.start or args.models) == "tiny"
+    args.mean_limit, args.max_limit = harness.MEAN_LIMIT, harness.MAX_LIMIT
+    return webui_soak.soak(ui, args, started, compare, lambda infotext: infotext_field(infotext) or "not in infotext")
+
+
+def run_bench(ui: WebUI, args, started) -> list[dict]:
+    if args.bench == "soak":
+        return soak(ui, args, started)
+    return {"speed": speed, "switch": switch, "lora": lora, "session": session, "first-image": first_image}[args.bench](ui, args)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--url", default="http://127.0.0.1:7860")
     parser.add_argument("--json", default=None, help="append the rows to this JSON-lines file")
-    parser.add_argument("bench", choices=["speed", "switch", "lora", "session", "first-image"])
+    parser.add_argument("bench", choices=["speed", "switch", "lora", "session", "first-image", "soak"])
     parser.add_argument("--checkpoint", help="checkpoint name as webui lists it (without extension)")
     parser.add_argument("--to", help="switch: the checkpoint to switch to")
     parser.add_argument("--size", type=int, default=512, help="image height (and width unless --width)")
@@ -247,9 +328,31 @@ def main() -> None:
     parser.add_argument("--save-cache", default="", help="speed: save what the first script request compiles as this")
     parser.add_argument("--lora", help="lora: the LoRA's name in webui's Lora folder")
     parser.add_argument("--requests", help="session: JSON file with the list of requests")
+    parser.add_argument("--start", choices=["tiny", "full"], help="start a webui with tiny or full-size random "
+                        "checkpoints (bench/webui_start.py) instead of using --url")
+    parser.add_argument("--models", choices=["tiny", "full"], default="full",
+                        help="soak with --url: whether the webui has the tiny or the full-size models' names")
+    parser.add_argument("--count", type=int, default=200, help="soak: requests in all")
+    parser.add_argument("--stop-at", type=float, default=0, help="soak: start no request after this time (epoch s)")
+    parser.add_argument("--reserve", type=float, default=20, help="soak: seconds kept before --stop-at for the end")
+    parser.add_argument("--compare-every", type=int, default=9, help="soak: compare every Nth image with eager's "
+                        "(9: prime to a round's 28 requests, so the sample goes through every kind of request)")
+    parser.add_argument("--sizes-sd15", help="soak: three WIDTHxHEIGHT, the hires fix goes from the third to the first")
+    parser.add_argument("--sizes-sdxl", help="soak: the same for SDXL")
+    parser.add_argument("--controlnet", help="speed: with one unit of this ControlNet model (sd-webui-controlnet)")
     args = parser.parse_args()
-    ui = WebUI(args.url)
-    rows = {"speed": speed, "switch": switch, "lora": lora, "session": session, "first-image": first_image}[args.bench](ui, args)
+    started = None
+    if args.start:
+        import webui_start
+
+        names = {args.checkpoint, args.to, args.lora, args.controlnet} | (soak_models(args.start) if args.bench == "soak" else set())
+        started = webui_start.start_webui(args.start, {name for name in names if name})
+        args.url = started.base_url
+    try:
+        rows = run_bench(WebUI(args.url), args, started)
+    finally:
+        if started is not None:
+            started.stop()
     if args.json:
         with open(args.json, "a") as file:
             file.writelines(json.dumps(row) + "\n" for row in rows)

@@ -23,6 +23,7 @@ from .attention import SdpaAttention, kernel_preference
 from .foreign_hooks import find_class_forwards, find_foreign_hooks, foreign_frame, foreign_hooks_reason, short_path
 from .layers import PLAIN_FORWARDS, plain_layers
 from .options import CompileOptions
+from .sharing import SharedModule
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +96,7 @@ class InductorBackend:
         return compile_fx(graph_module, example_inputs, config_patches=self._inductor_config)
 
 
-class CompiledUNet(torch.nn.Module):
+class CompiledUNet(SharedModule):
     """Called exactly like the eager UNet (``x, timesteps, context, y, ...``) and returns the same tensor.
 
     Attributes the wrapper does not have (``dtype``, ``in_channels``, ``input_blocks``, ...) are read from the eager
@@ -121,15 +122,7 @@ class CompiledUNet(torch.nn.Module):
         on_compile_start: Callable[[], None] | None = None,
         on_compile_end: Callable[[], None] | None = None,
     ):
-        super().__init__()
-        # Share the eager module's registries instead of holding it as a child: parameters(), state_dict() and
-        # load_state_dict() then see the same tensors under the same names, so webui loading a checkpoint into
-        # ``diffusion_model`` while this wrapper stands there still fills the eager module's buffers.
-        self._parameters = unet._parameters
-        self._buffers = unet._buffers
-        self._modules = unet._modules
-        self._non_persistent_buffers_set = unet._non_persistent_buffers_set
-        object.__setattr__(self, "eager", unet)
+        super().__init__(unet)
         self.options = options or CompileOptions()
         self.backend = backend or InductorBackend(self.options, cuda_graphs=self.options.cuda_graphs and _uses_cuda(unet))
         self.failure: str | None = None
@@ -157,14 +150,6 @@ class CompiledUNet(torch.nn.Module):
     def stats(self) -> CompileStats:
         """Shared by every wrapper of the same backend, i.e. of one UNet structure."""
         return self.backend.stats
-
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "eager":
-                raise
-            return getattr(self.eager, name)
 
     def start_generation(self) -> None:
         """Forgets the last generation's reason to run eagerly. Its first call may compile again where a value the

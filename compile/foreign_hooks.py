@@ -96,17 +96,24 @@ def find_foreign_hooks(named_modules: list[tuple[str, torch.nn.Module]]) -> list
     a first pass only tests (SDXL's 1,930 modules in well under a millisecond), the hooks are listed only when one is
     there."""
     if not any(getattr(torch_module, name) for _, name in _GLOBAL_HOOKS) and not any(
-        "forward" in module.__dict__ or module._forward_hooks or module._forward_pre_hooks for _, module in named_modules
+        ("forward" in module.__dict__ and not is_own_bound_forward(module, module.__dict__["forward"]))
+        or module._forward_hooks or module._forward_pre_hooks for _, module in named_modules
     ):
         return []
     found = [ForeignHook(kind, "", hook) for kind, name in _GLOBAL_HOOKS for hook in getattr(torch_module, name).values()]
     for path, module in named_modules:
         forward = vars(module).get("forward")
-        if forward is not None:
+        if forward is not None and not is_own_bound_forward(module, forward):
             found.append(ForeignHook("an instance forward", path, forward))
         for kind, name in _MODULE_HOOKS:
             found.extend(ForeignHook(kind, path, hook) for hook in getattr(module, name).values())
     return found
+
+
+def is_own_bound_forward(module: torch.nn.Module, forward: Callable) -> bool:
+    """An instance ``forward`` that is the module's own class forward bound to it: what ControlNet's ``restore`` leaves
+    on the UNet (it sets back the bound method it saved), which runs exactly what the class runs."""
+    return getattr(forward, "__self__", None) is module and getattr(forward, "__func__", None) is type(module).forward
 
 
 def is_own_forward(cls: type, forward: Callable) -> bool:

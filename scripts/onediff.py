@@ -42,6 +42,7 @@ else:
     from sd_webui_onediff.compile.layers import PLAIN_FORWARDS  # noqa: E402
     from sd_webui_onediff.compile.patching import patched  # noqa: E402
     from sd_webui_onediff.compile.registry import CompiledUNets  # noqa: E402
+    from sd_webui_onediff.controlnet import glue as controlnet_glue  # noqa: E402
     from sd_webui_onediff.lora import FusedLoras, backup_copies, fits_on_gpu  # noqa: E402
 
     COMPILED_UNETS = CompiledUNets()
@@ -221,11 +222,12 @@ class Generation:
         self.refused = []  # eager UNets of models that cannot be compiled, with a note for the infotext
         self.errors = []  # why binding failed, for the infotext
         self.compile_counts = {}  # backend -> its number of compiles when this generation first used it
+        self.control_models = []  # Lookup of each ControlNet model compiled in this generation
 
     def bind(self, sd_model) -> None:
         """Errors here must not escape: webui's callback runner would print them and go on eagerly, unexplained."""
         unet = sd_model.model.diffusion_model
-        if isinstance(unet, CompiledUNet) or any(unet is refused for refused, _ in self.refused):
+        if isinstance(unet, (CompiledUNet, controlnet_glue.ControlNetUNet)) or any(unet is refused for refused, _ in self.refused):
             return
         try:
             self._bind(sd_model, unet)
@@ -247,24 +249,39 @@ class Generation:
             self.update_infotext()
             return
         lookup = COMPILED_UNETS.get(
-            unet, compile_options(), recompile=self.args.always_recompile and not self.bound,
+            controlnet_glue.compiled_target(unet), compile_options(), recompile=self.args.always_recompile and not self.bound,
             on_compile_start=self.on_compile_start, on_compile_end=self.update_infotext,
         )
         print(f"OneDiff: {lookup.how} compiled UNet {type(unet).__module__}.{type(unet).__qualname__} for {name}")
         self.compile_counts.setdefault(lookup.compiled.backend, len(lookup.compiled.stats.compile_seconds))
         lookup.compiled.before_call = lora_fusing(self.p, unet, lookup.compiled)
         lookup.compiled.expected_class_forwards = SWAPPED_FORWARDS
-        model.diffusion_model = lookup.compiled
+        # ControlNet models gain from compiling on CUDA only (CUDA graphs, fused kernels).
+        control_models = self.compile_control_model if shared.device.type == "cuda" else None
+        model.diffusion_model = controlnet_glue.bound_module(unet, lookup.compiled, control_models)
         self.bound.append((model, unet, lookup))
         self.update_infotext()
 
+    def compile_control_model(self, control_model: torch.nn.Module) -> CompiledUNet:
+        """A ControlNet model, compiled like a UNet (a structure of its own in the registry), counted in the infotext."""
+        lookup = COMPILED_UNETS.get(control_model, compile_options(), on_compile_start=self.on_compile_start,
+                                    on_compile_end=self.update_infotext)
+        self.compile_counts.setdefault(lookup.compiled.backend, len(lookup.compiled.stats.compile_seconds))
+        lookup.compiled.expected_class_forwards = SWAPPED_FORWARDS
+        self.control_models.append(lookup)
+        return lookup.compiled
+
+    def lookups(self) -> list:
+        return [*(lookup for _, _, lookup in self.bound), *self.control_models]
+
     def restore(self) -> None:
-        for model, unet, lookup in reversed(self.bound):
+        for model, unet, _ in reversed(self.bound):
             model.diffusion_model = unet
+        for lookup in self.lookups():
             lookup.compiled.restore_eager_layout()
 
     def failures(self) -> list[str]:
-        compiled = [lookup.compiled.failure for _, _, lookup in self.bound if lookup.compiled.failure]
+        compiled = [lookup.compiled.failure for lookup in self.lookups() if lookup.compiled.failure]
         return list(dict.fromkeys([*self.errors, *compiled]))
 
     def describe(self) -> str:
@@ -273,7 +290,7 @@ class Generation:
         if not self.bound:
             return ", ".join([*self.outcome, "not used"])
         new = [s for backend, count in self.compile_counts.items() for s in backend.stats.compile_seconds[count:]]
-        fresh = any(lookup.how == "new" for _, _, lookup in self.bound)
+        fresh = any(lookup.how == "new" for lookup in self.lookups())
         done = f"compiled in {sum(new):.1f} s" if new else ("compiled" if fresh else "reused")
         return ", ".join([*self.outcome, done, *(note for _, note in self.refused if note)])
 

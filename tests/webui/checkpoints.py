@@ -31,6 +31,8 @@ DEFAULT_CHECKPOINTS = {
     "tiny-sd15-b": ("tiny-sd15.yaml", 2),
     "tiny-sdxl": ("tiny-sdxl.yaml", 3),
 }
+CONTROLNET_CHECKPOINT = ("tiny-sd15-cn", "tiny-sd15-cn.yaml", 4)
+"""For the ControlNet tests only (``WebUI.add_controlnet``), not in every test webui."""
 
 _prepared = False
 _last_check: dict = {}
@@ -323,6 +325,71 @@ def build_default_checkpoints(out_dir, webui_path=None) -> dict[str, Path]:
     return result
 
 
+CONTROLNET_SD15 = dict(in_channels=4, model_channels=320, hint_channels=3, num_res_blocks=2,
+                       attention_resolutions=[1, 2, 4], transformer_depth=[1, 1, 1, 0], channel_mult=[1, 2, 4, 4],
+                       transformer_depth_middle=1, use_linear_in_transformer=False, context_dim=768, num_heads=8)
+"""The hyperparameters sd-webui-controlnet's model guesser gives every SD1.x ControlNet (its ``cldm_v15``); it reads
+only ``hint_channels`` and ``context_dim`` from the file."""
+CONTROLNET_SDXL = dict(num_classes="sequential", adm_in_channels=2816, in_channels=4, model_channels=320, hint_channels=3,
+                       num_res_blocks=2, attention_resolutions=[2, 4], transformer_depth=[0, 2, 10], channel_mult=[1, 2, 4],
+                       transformer_depth_middle=10, use_linear_in_transformer=True, context_dim=2048,
+                       num_head_channels=64)
+"""What the guesser gives an SDXL ControlNet whose file has ten transformer blocks at the third level (full SDXL)."""
+TINY_WIDTH = dict(model_channels=32, num_heads=2, context_dim=64)
+"""Where ``tiny-sd15-cn`` (configs/tiny-sd15-cn.yaml) is narrower than SD1.5; the test extension
+``extensions/tiny_controlnet_config`` points ControlNet's guesser at its config."""
+
+
+def _import_controlnet(controlnet_path):
+    """sd-webui-controlnet's own model classes (``scripts/cldm.py``, ``scripts/adapter.py``), built outside webui: its
+    ``scripts`` folder as the package ``scripts`` (generative-models has one too), and a bare ``modules.devices`` (read
+    only when a model moves between devices)."""
+    import types
+
+    sys.path.insert(0, str(controlnet_path))
+    sys.modules["scripts"] = types.ModuleType("scripts")
+    sys.modules["scripts"].__path__ = [str(Path(controlnet_path) / "scripts")]
+    if "modules" not in sys.modules:
+        modules = sys.modules["modules"] = types.ModuleType("modules")
+        modules.devices = sys.modules["modules.devices"] = types.ModuleType("modules.devices")
+    cldm = importlib.import_module("scripts.cldm")
+    adapter = importlib.import_module("scripts.adapter")
+    return cldm.ControlNet, adapter.Adapter
+
+
+def build_controlnet_models(out_dir, controlnet_path, webui_path=None, full_size: bool = False) -> dict[str, Path]:
+    """Random ControlNet models of ControlNet's own classes, saved as its guesser reads them: an SD1.5 ControlNet
+    (hint_channels 3) and, at tiny width, a T2I-Adapter (its guesser takes the widths from the file). Tiny
+    (``tiny-controlnet-sd15``, ``tiny-t2i-adapter-sd15``, for ``tiny-sd15-cn``) or, with ``full_size``, SD1.5's and
+    SDXL's (``controlnet-sd15-random``, ``controlnet-sdxl-random``, float16, for the GPU benchmark). The zero
+    convolutions are re-randomised: at zero a ControlNet adds nothing."""
+    _prepare_imports(webui_path)
+    import torch
+    from safetensors.torch import save_file
+
+    ControlNet, Adapter = _import_controlnet(controlnet_path)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(21)
+    if full_size:
+        models = {"controlnet-sd15-random": ControlNet(**CONTROLNET_SD15),
+                  "controlnet-sdxl-random": ControlNet(**CONTROLNET_SDXL)}
+    else:
+        models = {"tiny-controlnet-sd15": ControlNet(**{**CONTROLNET_SD15, **TINY_WIDTH})}
+        channels = TINY_WIDTH["model_channels"]
+        models["tiny-t2i-adapter-sd15"] = Adapter(cin=3 * 64, channels=[channels, channels * 2, channels * 4, channels * 4],
+                                                  nums_rb=2, ksize=1, sk=True, use_conv=False)
+    paths = {}
+    for name, model in models.items():
+        _rerandomise_zero_layers(model)
+        _randomise_norms(model)
+        state_dict = {k: (v.half() if full_size and v.is_floating_point() else v).detach().contiguous()
+                      for k, v in model.state_dict().items()}
+        paths[name] = out_dir / f"{name}.safetensors"
+        save_file(state_dict, str(paths[name]))
+    return paths
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("out_dir", help="folder for the checkpoints (e.g. <data-dir>/models/Stable-diffusion)")
@@ -332,6 +399,11 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0, help="seed for --config")
     ap.add_argument("--half", action="store_true", help="save --config's checkpoint as float16 (full-size models)")
     ap.add_argument("--lora-dir", default=None, help="also write the default tiny LoRAs here (e.g. <data-dir>/models/Lora)")
+    ap.add_argument("--controlnet-dir", default=None,
+                    help="also write random ControlNet models here (e.g. <data-dir>/models/ControlNet)")
+    ap.add_argument("--controlnet", default=os.environ.get("SD_WEBUI_CONTROLNET"),
+                    help="sd-webui-controlnet checkout whose model classes build them (default: $SD_WEBUI_CONTROLNET)")
+    ap.add_argument("--full-size", action="store_true", help="--controlnet-dir: SD1.5's full-size ControlNet instead")
     args = ap.parse_args(argv)
     if args.config:
         name = args.name or Path(args.config).stem
@@ -341,6 +413,8 @@ def main(argv=None):
         paths = build_default_checkpoints(args.out_dir, args.webui)
     if args.lora_dir:
         paths.update(build_default_loras(args.lora_dir, args.webui))
+    if args.controlnet_dir:
+        paths.update(build_controlnet_models(args.controlnet_dir, args.controlnet, args.webui, full_size=args.full_size))
     for name, p in paths.items():
         print(f"{name}: {p} ({p.stat().st_size / 1e6:.1f} MB) {_last_check.get(p, '')}")
 

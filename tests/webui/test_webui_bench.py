@@ -51,3 +51,19 @@ def test_session_counts_compiles(sd15, tmp_path):
     assert graphs[1] == "reused" and graphs[3] == "reused", graphs
     assert graphs[2].count("compiled in") == 1, graphs
     assert rows[-1]["compiles"] == 1 and "compiles over 4 requests: 1" in out, out
+
+
+def test_soak_mixes_requests_and_checks_them(sd15, tmp_path):
+    """A short soak (one checkpoint's share of a round: three sizes, hires fix, LoRA on and off, refiner, LoRA with
+    refiner): no failure, no eager fallback, the compared image equal to eager's, no compile for a shape seen before,
+    and the table and JSON rows say so. The GPU run does the 200 requests (README)."""
+    one_size = "64x64,64x64,64x64"  # one shape per architecture: at most one compile on the CPU
+    out, rows = run_bench(sd15, tmp_path, "soak", "--models", "tiny", "--count", "7", "--compare-every", "7",
+                          "--sizes-sd15", one_size, "--sizes-sdxl", one_size)
+    requests = [row for row in rows if row["bench"] == "soak"]
+    summary = rows[-1]
+    assert [row["kind"] for row in requests] == ["plain"] * 3 + ["hires fix", "LoRA", "refiner", "LoRA + refiner"]
+    assert {row["checkpoint"] for row in requests} == {"tiny-sd15-a"}, requests
+    assert summary["failed"] == 0 and summary["eager fallbacks"] == 0 and summary["compared"] == 1, summary
+    assert summary["unequal images"] == 0 and summary["compiles on seen shapes"] == 0, summary
+    assert summary["ok"] and "| all checks | PASS |" in out, out

@@ -10,6 +10,7 @@ Environment:
                        above this repository.
   SD_WEBUI_EXTRA_ARGS  extra webui command-line flags (shell-split).
   SD_WEBUI_START_TIMEOUT  seconds to wait for the API (default 300).
+  SD_WEBUI_GPU         set to 1 to run webui on the GPU (without the CPU_FLAGS).
   SD_WEBUI_KEEP        set to 1 to keep the temporary data dir after the session.
 Per instance, ``WebUI.extra_env`` (or ``restart(env=...)``) adds variables to webui's environment (None removes one).
 """
@@ -36,10 +37,11 @@ DEFAULT_FLAGS = [
     "--skip-torch-cuda-test",
     "--skip-version-check",
     "--api",
-    "--use-cpu", "all",
-    "--no-half",  # fp16 does not work on the CPU
     "--no-download-sd-model",
 ]
+CPU_FLAGS = ["--use-cpu", "all", "--no-half"]  # fp16 does not work on the CPU
+"""Left out where ``SD_WEBUI_GPU=1`` (set by bench/device_kit.py on a machine with CUDA): webui then runs on the GPU in
+fp16, as users run it."""
 
 # A small, fast, deterministic generation.
 DEFAULT_TXT2IMG = {
@@ -221,6 +223,28 @@ class WebUI:
         self.checkpoints = {p.stem: p for p in sorted(ckpt_dir.glob("*.safetensors"))}
         self.loras = {p.stem: p for p in sorted(lora_dir.glob("*.safetensors"))}
 
+    def add_controlnet(self) -> None:
+        """Link sd-webui-controlnet ($SD_WEBUI_CONTROLNET) and the test extension that points its model guesser at the
+        tiny width; build ``tiny-sd15-cn`` (SD1.5's topology, narrow) and the tiny ControlNet models for it. Before
+        ``start()``."""
+        controlnet = os.environ.get("SD_WEBUI_CONTROLNET")
+        if not controlnet or not (Path(controlnet) / "scripts" / "hook.py").is_file():
+            raise RuntimeError("SD_WEBUI_CONTROLNET does not name an sd-webui-controlnet checkout "
+                               "(eval \"$(python3 tools/make_webui.py)\" sets it)")
+        from checkpoints import CONTROLNET_CHECKPOINT  # this folder is on sys.path (conftest.py)
+
+        name, config, seed = CONTROLNET_CHECKPOINT
+        ckpt_dir = self.data_dir / "models" / "Stable-diffusion"
+        cmd = [self.python, str(HERE / "checkpoints.py"), str(ckpt_dir), "--webui", str(self.webui_path),
+               "--config", str(HERE / "configs" / config), "--name", name, "--seed", str(seed),
+               "--controlnet", controlnet, "--controlnet-dir", str(self.data_dir / "models" / "ControlNet")]
+        r = subprocess.run(cmd, env=self.env(), cwd=str(self.data_dir), capture_output=True, text=True, timeout=600)
+        if r.returncode != 0:
+            raise RuntimeError(f"building the ControlNet test models failed:\n{r.stdout[-5000:]}\n{r.stderr[-5000:]}")
+        self.checkpoints[name] = ckpt_dir / f"{name}.safetensors"
+        self.install_extension(Path(controlnet), name="sd-webui-controlnet")
+        self.install_extension(HERE / "extensions" / "tiny_controlnet_config", name="tiny_controlnet_config")
+
     def install_extension(self, source: Path = REPO_ROOT, name: str = EXTENSION_NAME) -> Path:
         ext_dir = self.data_dir / "extensions"
         ext_dir.mkdir(parents=True, exist_ok=True)
@@ -239,7 +263,8 @@ class WebUI:
         return self.base_url + (path if path.startswith("/") else "/" + path)
 
     def command(self) -> list[str]:
-        return [self.python, "launch.py", *DEFAULT_FLAGS, "--port", str(self.port),
+        device_flags = [] if os.environ.get("SD_WEBUI_GPU") == "1" else CPU_FLAGS
+        return [self.python, "launch.py", *DEFAULT_FLAGS, *device_flags, "--port", str(self.port),
                 "--data-dir", str(self.data_dir), *self.extra_args]
 
     def is_running(self) -> bool:

@@ -1,0 +1,1 @@
+"""sd-webui-controlnet's units on the compiled UNet (``glue.py``); imports nothing from webui or ControlNet."""

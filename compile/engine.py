@@ -234,6 +234,8 @@ class CompiledUNet(SharedModule):
 def error_summary(error: BaseException) -> str:
     """``TypeName: first line of the message``, for one-line reasons."""
     first_line = (str(error).strip().splitlines() or [""])[0]
+    if len(first_line) > 200:  # CUDA's out-of-memory message is one line of allocator statistics
+        first_line = first_line[:200].rstrip() + " ..."
     return f"{type(error).__name__}: {first_line}" if first_line else type(error).__name__
 
 

@@ -265,3 +265,13 @@ def test_channels_last_is_undone_after_the_generation(traced_graphs):
                    for m, (pointer, value) in zip(convolutions, before)), "same storage, same values"
         assert torch.equal(unet(*args, **kwargs), expected), "eager calls compute exactly as before the script"
     assert compiled.stats.graphs_compiled == 1 and compiled.failure is None
+
+
+def test_a_reason_quotes_one_short_line_of_the_error():
+    """CUDA's out-of-memory message is a single line of allocator statistics: the infotext gets its start."""
+    from sd_webui_onediff.compile.engine import error_summary
+
+    oom = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 60.00 MiB. " + "GPU 0 has statistics. " * 40)
+    assert error_summary(oom).startswith("OutOfMemoryError: CUDA out of memory. Tried to allocate 60.00 MiB.")
+    assert len(error_summary(oom)) < 250 and error_summary(oom).endswith(" ...")
+    assert error_summary(RuntimeError("one\ntwo")) == "RuntimeError: one" and error_summary(KeyError()) == "KeyError"

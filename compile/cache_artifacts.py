@@ -74,14 +74,22 @@ def save(cache_dir: Path, name: str, device: torch.device, description: dict[str
     return path
 
 
-def load(cache_dir: Path, name: str, device: torch.device) -> None:
-    """Hands a saved cache to PyTorch, or raises ``CacheError`` saying why it cannot be used."""
+def load(cache_dir: Path, name: str, device: torch.device, loaded: set | None = None) -> bool:
+    """Hands a saved cache to PyTorch, or raises ``CacheError`` saying why it cannot be used.
+
+    ``loaded``: the files this process handed over already, each as (path, size, modification time), added to here.
+    PyTorch writes what it is given into its on-disk caches, so a file found there unchanged is not read again and
+    False is returned."""
     name = check_name(name)
     path = cache_dir / f"{name}{ARTIFACTS_SUFFIX}"
     if not path.is_file():
         raise CacheError(
             f"compiler cache {name!r} not found in {cache_dir}: press the refresh button and choose another", reason="not found"
         )
+    stat = path.stat()
+    stamp = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if loaded is not None and stamp in loaded:
+        return False
     try:
         metadata = json.loads((cache_dir / f"{name}{METADATA_SUFFIX}").read_text())
         made_with = metadata["environment"]
@@ -103,8 +111,11 @@ def load(cache_dir: Path, name: str, device: torch.device) -> None:
         )
     damaged = f"compiler cache {name!r} is damaged; delete {path.name} and save it again"
     try:
-        loaded = torch.compiler.load_cache_artifacts(path.read_bytes())
+        artifacts_info = torch.compiler.load_cache_artifacts(path.read_bytes())
     except Exception as error:  # noqa: BLE001 -- PyTorch raises assorted errors for damaged bytes
         raise CacheError(f"{damaged} ({type(error).__name__}: {error})", reason="damaged") from error
-    if loaded is None:  # PyTorch logs a failed checksum and returns None
+    if artifacts_info is None:  # PyTorch logs a failed checksum and returns None
         raise CacheError(damaged, reason="damaged")
+    if loaded is not None:
+        loaded.add(stamp)
+    return True

@@ -61,12 +61,19 @@ def call_signature(args, kwargs) -> tuple:
     return described, str(structure), torch.is_grad_enabled(), torch.is_inference_mode_enabled(), autocast
 
 
-def convert_convolutions_to_channels_last(unet: torch.nn.Module) -> None:
-    """Re-lay every convolution weight in place; the old storage is freed, so no second copy exists."""
+def relay_convolutions(unet: torch.nn.Module, memory_format: torch.memory_format) -> None:
+    """Re-lays every convolution weight in ``memory_format`` within its own storage: only the order of the elements
+    changes, the address stays, so CUDA-graph recordings and LoRA backups keep pointing at the same memory and no
+    second copy of the weights is kept. Only weights laid densely in one of the two orders are touched: another
+    layout could share its storage with other data."""
     with torch.no_grad():
         for module in unet.modules():
-            if isinstance(module, torch.nn.Conv2d) and not module.weight.is_contiguous(memory_format=torch.channels_last):
-                module.weight.data = module.weight.data.contiguous(memory_format=torch.channels_last)
+            if not isinstance(module, torch.nn.Conv2d) or module.weight.is_contiguous(memory_format=memory_format):
+                continue
+            if module.weight.is_contiguous() or module.weight.is_contiguous(memory_format=torch.channels_last):
+                relaid = module.weight.contiguous(memory_format=memory_format)
+                module.weight.data = module.weight.data.as_strided(relaid.shape, relaid.stride())
+                module.weight.copy_(relaid)
 
 
 class InductorBackend:
@@ -97,8 +104,10 @@ class CompiledUNet(SharedModule):
 
     It owns no weights: its parameters, buffers and submodules are the eager module's, under the same names.
 
-    A call that has to compile and fails (a graph break, an Inductor or Triton error) does not raise: it runs the eager
-    module, and ``failure`` holds the reason, which callers must show to the user; every later call runs eagerly too.
+    A compiled call that fails, compiling (a graph break, an Inductor or Triton error) or running (CUDA out of memory
+    in a first replay), does not raise: it runs the eager module, with the convolutions laid back as eager webui has
+    them, and ``failure`` holds the reason (``describe_failure``), which callers must show to the user; every later
+    call of the generation runs eagerly too.
     So does a call that finds another extension's hook on the UNet (``foreign_hooks``), or that would compile again,
     after the first call of a generation, for inputs like those of an earlier compiled call (a value the traced code
     reads changed: a step counter would make it compile on every step).
@@ -128,8 +137,7 @@ class CompiledUNet(SharedModule):
         """Modules whose class-level forwards on the attention and layer classes this engine swaps during compiled calls
         the swap stands for (webui's attention optimizations, its Lora); any other makes the call eager
         (``foreign_hooks``)."""
-        if self.options.channels_last:
-            convert_convolutions_to_channels_last(unet)
+        self._relay_for_compiled_calls()
         self._attention = SdpaAttention(unet, upcast=self.options.upcast_attention) if self.options.attention == "sdpa" else None
         self._regions = regions.region_classes(unet) if self.options.regional and regions.available() else []
         self._named_modules = list(unet.named_modules())
@@ -148,10 +156,23 @@ class CompiledUNet(SharedModule):
         graph reads changed since the last generation (a setting); later calls may not (``forward``)."""
         self.failure = None
         self._value_recompile_allowed = True
+        self._relay_for_compiled_calls()
+
+    def restore_eager_layout(self) -> None:
+        """Gives the eager module back its own layout (``channels_last`` re-lays convolution weights): eager calls
+        after the generation, or in it after ``run_eagerly``, compute exactly as eager webui's."""
+        if self.options.channels_last:
+            relay_convolutions(self.eager, torch.contiguous_format)
+
+    def _relay_for_compiled_calls(self) -> None:
+        if self.options.channels_last:
+            relay_convolutions(self.eager, torch.channels_last)
 
     def run_eagerly(self, reason: str) -> None:
         """From now on every call runs the eager module; ``reason`` is shown to the user like a compile failure."""
         self.failure = reason
+        self.restore_eager_layout()
+        self._compile_ended()
 
     def forward(self, *args, **kwargs):
         if self.before_call is not None:
@@ -164,16 +185,16 @@ class CompiledUNet(SharedModule):
         signature = call_signature(args, kwargs)
         compiled_before = signature in self.stats.call_signatures and not self._value_recompile_allowed
         self._value_recompile_allowed = False
-        started = time.perf_counter()
+        started, reason = time.perf_counter(), None
         try:
             out = self._call_compiled(args, kwargs, compiled_before=compiled_before)
-        except Exception as error:  # noqa: BLE001 -- only compile-time failures are absorbed, see below
-            compiling = self.stats.graphs_compiled != graphs_before or isinstance(error, DYNAMO_ERRORS)
-            if not compiling:
-                raise
-            self.failure = describe_compile_failure(error, type(self.eager))
-            log.error("OneDiff: compiling the UNet failed, running it eagerly: %s", self.failure)
-            self._compile_ended()
+        except Exception as error:  # noqa: BLE001 -- the call is made again eagerly, which raises what eager raises
+            # Dynamo wraps what fails while tracing or inside the backend; anything else came from running a graph
+            # (CUDA out of memory in the first replay or a CUDA-graph recording).
+            reason = describe_failure(error, type(self.eager), compiling=isinstance(error, DYNAMO_ERRORS))
+        if reason is not None:  # after the except block: the error's frames, and the memory they hold, are gone
+            log.error("OneDiff: running the UNet eagerly: %s", reason)
+            self.run_eagerly(reason)
             return self.eager(*args, **kwargs)
         self.stats.call_signatures.add(signature)
         if self.stats.graphs_compiled != graphs_before:
@@ -187,9 +208,9 @@ class CompiledUNet(SharedModule):
         hooks = find_class_forwards(self._swapped_classes, self.expected_class_forwards)
         hooks += find_foreign_hooks(self._named_modules)
         if hooks:
-            self.run_eagerly(foreign_hooks_reason(hooks))
-            log.warning("OneDiff: running the UNet eagerly: %s", self.failure)
-            self._compile_ended()
+            reason = foreign_hooks_reason(hooks)
+            log.warning("OneDiff: running the UNet eagerly: %s", reason)
+            self.run_eagerly(reason)
 
     def _compile_ended(self) -> None:
         if self.on_compile_end is not None:
@@ -210,10 +231,28 @@ class CompiledUNet(SharedModule):
             return self._compiled(*args, **kwargs)
 
 
-def describe_compile_failure(error: BaseException, unet_class: type) -> str:
-    """One line for the UI: the error's first line, with advice for the failures users can act on, naming the code
-    outside the UNet's own where tracing failed in it."""
-    first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+def error_summary(error: BaseException) -> str:
+    """``TypeName: first line of the message``, for one-line reasons."""
+    first_line = (str(error).strip().splitlines() or [""])[0]
+    if len(first_line) > 200:  # CUDA's out-of-memory message is one line of allocator statistics
+        first_line = first_line[:200].rstrip() + " ..."
+    return f"{type(error).__name__}: {first_line}" if first_line else type(error).__name__
+
+
+def describe_failure(error: BaseException, unet_class: type, *, compiling: bool) -> str:
+    """One line for the UI about an error in a compiled call, which then runs eagerly with the rest of the generation.
+    ``compiling``: the error came from tracing or compiling ("compile failed: ..."), else from running a graph that
+    had compiled ("runtime error in the compiled UNet: ..."). Advice where users can act; where tracing failed in code
+    outside the UNet's own, that code is named. Deliberate refusals (``run_eagerly``) are worded by their callers."""
+    if not compiling:
+        advice = (
+            "out of GPU memory: generate at a smaller size or batch, or free GPU memory, for the next one to run compiled"
+            if isinstance(error, torch.OutOfMemoryError) else "the next generation tries the compiled UNet again"
+        )
+        return f"runtime error in the compiled UNet ({error_summary(error)}), this call and the rest ran eagerly; {advice}"
+    # A compiler failure's own first line names only the backend object: the compiler's error says what failed.
+    shown = error.inner_exception if isinstance(error, torch._dynamo.exc.BackendCompilerFailed) else error
+    first_line = (str(shown).strip().splitlines() or [type(shown).__name__])[0]
     if isinstance(error, torch._dynamo.exc.RecompileError):
         return (
             f"a value the compiled UNet reads changed between calls with inputs of the same shapes "
@@ -237,7 +276,7 @@ def describe_compile_failure(error: BaseException, unet_class: type) -> str:
             f"compile failed: the UNet cannot be captured in one graph ({first_line}); another extension that patches "
             "the UNet's forward (e.g. ControlNet, hypernetworks) is the usual cause: disable it for this generation"
         )
-    return f"compile failed: {type(error).__name__}: {first_line}"
+    return f"compile failed: {error_summary(shown)}"
 
 
 def value_recompile(error: torch._dynamo.exc.RecompileError) -> str:

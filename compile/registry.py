@@ -26,10 +26,12 @@ class CompiledUNets:
     A wrapper is bound to one eager module object and is replaced when webui hands over another object, so a graph
     never reads the weights of a model webui has dropped. When a structure beyond ``capacity`` arrives, every compiled
     graph is dropped (``torch._dynamo.reset()``), which frees their CUDA graphs and lets webui free unloaded models;
-    compiling again then mostly hits Inductor's on-disk cache.
+    compiling again then mostly hits Inductor's on-disk cache. Six: with ControlNet each architecture has three
+    structures (the plain UNet, its residual pass, the ControlNet model), and a session that mixes SD1.5 and SDXL with
+    ControlNet would otherwise drop and recompile everything on each change of architecture.
     """
 
-    def __init__(self, capacity: int = 4):
+    def __init__(self, capacity: int = 6):
         self.capacity = capacity
         self._entries: dict[tuple, CompiledUNet] = {}
 

@@ -196,9 +196,7 @@ class ControlNetUNet(sharing.SharedModule):
                     return compiled(*self.record(x, timesteps, context, y))
                 except (Unrecordable, UnknownLayer) as error:
                     reason = f"ControlNet's forward could not be recorded ({type(error).__name__}: {error})"
-            compiled.run_eagerly(reason)
-            if compiled.on_compile_end is not None:
-                compiled.on_compile_end()
+            compiled.run_eagerly(reason)  # it updates the infotext
         return self.eager(x, timesteps, context=context, y=y, **kwargs)
 
     def _unet_hooks_reason(self, kwargs) -> str | None:

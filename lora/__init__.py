@@ -34,31 +34,38 @@ class FusedLoras:
         self._back_up = back_up
         """``back_up(stale)``: make the backups ``fuse`` would make one layer at a time, for all stale layers at once."""
         self._synced: Hashable | None = None
+        self._witness: torch.nn.Module | None = None
+        """A layer the last sync fused: webui's Lora resets every layer's fused set when weights are loaded into it
+        (``_load_from_state_dict``), so one changed layer means the weights were reloaded under an unchanged set."""
         self.seconds: list[float] = []
         """Wall time of each sync that changed weights."""
 
     def sync(self, wanted: Hashable, touches: Callable[[torch.nn.Module], bool] = lambda layer: True) -> float | None:
         """Fuses ``wanted`` where a layer holds anything else; returns the seconds it took, or None if nothing changed.
 
-        Every layer is checked whenever ``wanted`` differs from the last sync: a checkpoint loaded in between resets
-        layers without changing the wanted set, and webui may have fused some layers itself in an eager call.
+        Every layer is checked whenever ``wanted`` differs from the last sync, or the witness layer no longer holds
+        it: a checkpoint loaded in between (a refiner of the same architecture, loaded in place) resets layers without
+        changing the wanted set, and webui may have fused some layers itself in an eager call.
         ``touches(layer)``: whether a wanted network changes that layer; a layer it does not, holding nothing
         (``fused`` falsy), is left alone: no backup, no copy."""
-        if wanted == self._synced:
+        if wanted == self._synced and (self._witness is None or self._fused(self._witness) == wanted):
             return None
         stale = [layer for layer in self.layers if self._fused(layer) != wanted and (self._fused(layer) or touches(layer))]
+        self._synced = self._witness = None  # set again once all stale layers are fused: a fuse may raise midway
+        seconds = None
+        if stale:
+            started = time.perf_counter()
+            with torch.no_grad():
+                self._back_up(stale)
+                for layer in stale:
+                    self._fuse(layer)
+            if any(p.is_cuda for p in stale[0].parameters()):
+                torch.cuda.synchronize()
+            seconds = time.perf_counter() - started
+            self.seconds.append(seconds)
         self._synced = wanted
-        if not stale:
-            return None
-        started = time.perf_counter()
-        with torch.no_grad():
-            self._back_up(stale)
-            for layer in stale:
-                self._fuse(layer)
-        if any(p.is_cuda for p in stale[0].parameters()):
-            torch.cuda.synchronize()
-        self.seconds.append(time.perf_counter() - started)
-        return self.seconds[-1]
+        self._witness = next((layer for layer in self.layers if self._fused(layer) == wanted), None) if wanted else None
+        return seconds
 
 
 def host_copies(tensors: Sequence[torch.Tensor], *, pin: bool, buffer_bytes: int = 1 << 28) -> list[torch.Tensor]:

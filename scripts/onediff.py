@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import json
 import os
 import sys
+import traceback
 from pathlib import Path
 
 import gradio as gr
@@ -29,14 +29,8 @@ def load_extension_package(name: str = "sd_webui_onediff"):
 
 
 EXTENSION_ROOT = load_extension_package()
-from sd_webui_onediff.script_args import (  # noqa: E402
-    NO_CACHE,
-    SCRIPT_TITLE,
-    ScriptArgs,
-    ScriptArgsError,
-    normalize_request,
-    parse_script_args,
-)
+from sd_webui_onediff.api_requests import wrap_generation_routes  # noqa: E402
+from sd_webui_onediff.script_args import NO_CACHE, SCRIPT_TITLE, ScriptArgs, ScriptArgsError, parse_script_args  # noqa: E402
 from sd_webui_onediff.torch_support import torch_version_problem  # noqa: E402
 
 TORCH_PROBLEM = torch_version_problem(torch.__version__)
@@ -44,7 +38,7 @@ if TORCH_PROBLEM:
     print(TORCH_PROBLEM, file=sys.stderr)
 else:
     from sd_webui_onediff.compile import CompileOptions, cache_artifacts  # noqa: E402
-    from sd_webui_onediff.compile.engine import CompiledUNet  # noqa: E402
+    from sd_webui_onediff.compile.engine import CompiledUNet, error_summary  # noqa: E402
     from sd_webui_onediff.compile.layers import PLAIN_FORWARDS  # noqa: E402
     from sd_webui_onediff.compile.patching import patched  # noqa: E402
     from sd_webui_onediff.compile.registry import CompiledUNets  # noqa: E402
@@ -52,6 +46,8 @@ else:
     from sd_webui_onediff.lora import FusedLoras, backup_copies, fits_on_gpu  # noqa: E402
 
     COMPILED_UNETS = CompiledUNets()
+    LOADED_CACHES: set = set()
+    """Compiler cache files handed to PyTorch in this process (``cache_artifacts.load``)."""
 
 INFOTEXT_KEY = "OneDiff"
 CACHE_DIR_OPTION = "onediff_compiler_caches_path"
@@ -155,12 +151,16 @@ def generate(p: StableDiffusionProcessing, args: ScriptArgs) -> Processed:
     outcome = []
     if args.compiler_cache != NO_CACHE:
         try:
-            cache_artifacts.load(cache_dir(), args.compiler_cache, next(unet.parameters()).device)
-            outcome.append(f"loaded cache {args.compiler_cache}")
+            if cache_artifacts.load(cache_dir(), args.compiler_cache, next(unet.parameters()).device, LOADED_CACHES):
+                outcome.append(f"loaded cache {args.compiler_cache}")
         except cache_artifacts.CacheError as error:
             report(p, f"{error}; compiling without it")
             # API clients get the infotext but not the comments; error.reason names no local path.
             outcome.append(f"cache {args.compiler_cache} {error.reason}")
+        except Exception as error:  # noqa: BLE001 -- a cache is an optimization: never lose the generation to it
+            print_failure("loading the compiler cache")
+            report(p, f"loading compiler cache {args.compiler_cache!r} failed ({error_summary(error)}); compiling without it")
+            outcome.append(f"cache {args.compiler_cache} could not be loaded")
 
     generation = ACTIVE_GENERATION = Generation(p, args, outcome)
     try:
@@ -169,7 +169,7 @@ def generate(p: StableDiffusionProcessing, args: ScriptArgs) -> Processed:
         ACTIVE_GENERATION = None
         generation.restore()
     for failure in generation.failures():
-        report_after(processed, f"generated without compiling: {failure}")
+        report_after(processed, f"ran eagerly: {failure}")
     if args.saved_cache_name:
         try:
             # The model loaded now: the one loaded when the script started may have been dropped to the meta device.
@@ -178,10 +178,28 @@ def generate(p: StableDiffusionProcessing, args: ScriptArgs) -> Processed:
             message = f"saved compiler cache {args.saved_cache_name!r} to {path}"
         except (cache_artifacts.CacheError, OSError) as error:
             message = f"could not save the compiler cache: {error}"
+        except Exception as error:  # noqa: BLE001 -- the images are made: never lose them to the save
+            print_failure("saving the compiler cache")
+            message = f"could not save the compiler cache ({error_summary(error)}); the images are not affected"
         report_after(processed, message)
-        # the API's info carries extra_generation_params (the infotexts were written before the save)
-        p.extra_generation_params[f"{INFOTEXT_KEY} cache save"] = message
+        add_to_infotexts(processed, f"{INFOTEXT_KEY} cache save", message)
     return processed
+
+
+def add_to_infotexts(processed: Processed, key: str, value: str) -> None:
+    """A field for images whose infotexts were written already: in the API's info (its extra_generation_params and
+    infotexts) and in the UI's."""
+    from modules.infotext_utils import quote
+
+    processed.extra_generation_params[key] = value
+    processed.infotexts = [f"{text}, {key}: {quote(value)}" for text in processed.infotexts]
+    processed.info = processed.infotexts[0] if processed.infotexts else processed.info
+
+
+def print_failure(what: str) -> None:
+    """The console's trace of an error the user is told about in the infotext."""
+    print(f"OneDiff: {what} failed; the generation goes on (trace below)", file=sys.stderr)
+    traceback.print_exc()
 
 
 ACTIVE_GENERATION: Generation | None = None
@@ -202,14 +220,27 @@ class Generation:
         self.outcome = outcome
         self.bound = []  # (model, its eager UNet, Lookup) in binding order
         self.refused = []  # eager UNets of models that cannot be compiled, with a note for the infotext
+        self.errors = []  # why binding failed, for the infotext
         self.compile_counts = {}  # backend -> its number of compiles when this generation first used it
         self.control_models = []  # Lookup of each ControlNet model compiled in this generation
 
     def bind(self, sd_model) -> None:
-        model = sd_model.model
-        unet = model.diffusion_model
+        """Errors here must not escape: webui's callback runner would print them and go on eagerly, unexplained."""
+        unet = sd_model.model.diffusion_model
         if isinstance(unet, (CompiledUNet, controlnet_glue.ControlNetUNet)) or any(unet is refused for refused, _ in self.refused):
             return
+        try:
+            self._bind(sd_model, unet)
+        except Exception as error:  # noqa: BLE001 -- this model's steps run eagerly, with the reason
+            print_failure("binding the compiled UNet")
+            sd_model.model.diffusion_model = unet
+            self.refused.append((unet, None))
+            self.errors.append(f"preparing the compiled UNet failed ({error_summary(error)}); please report it with "
+                               "the console's trace")
+            self.update_infotext()
+
+    def _bind(self, sd_model, unet) -> None:
+        model = sd_model.model
         name = sd_model.sd_checkpoint_info.name_for_extra
         reason = unsupported_reason(unet)
         if reason:
@@ -246,9 +277,12 @@ class Generation:
     def restore(self) -> None:
         for model, unet, _ in reversed(self.bound):
             model.diffusion_model = unet
+        for lookup in self.lookups():
+            lookup.compiled.restore_eager_layout()
 
     def failures(self) -> list[str]:
-        return list(dict.fromkeys(lookup.compiled.failure for lookup in self.lookups() if lookup.compiled.failure))
+        compiled = [lookup.compiled.failure for lookup in self.lookups() if lookup.compiled.failure]
+        return list(dict.fromkeys([*self.errors, *compiled]))
 
     def describe(self) -> str:
         if self.failures():
@@ -258,7 +292,7 @@ class Generation:
         new = [s for backend, count in self.compile_counts.items() for s in backend.stats.compile_seconds[count:]]
         fresh = any(lookup.how == "new" for lookup in self.lookups())
         done = f"compiled in {sum(new):.1f} s" if new else ("compiled" if fresh else "reused")
-        return ", ".join([*self.outcome, done, *(note for _, note in self.refused)])
+        return ", ".join([*self.outcome, done, *(note for _, note in self.refused if note)])
 
     def update_infotext(self) -> None:
         # Webui renders extra_generation_params into each image's infotext after that image's sampling.
@@ -301,12 +335,17 @@ def lora_fusing(p: StableDiffusionProcessing, unet: torch.nn.Module, compiled):
         if wanted and shared.opts.lora_functional:
             if compiled.failure is None:
                 compiled.run_eagerly(LORA_FUNCTIONAL_REFUSED)
-                p.extra_generation_params[INFOTEXT_KEY] = f"eager: {LORA_FUNCTIONAL_REFUSED}"
             return
         # Built only when the wanted set changed and layers are checked, not on every step.
         touched = functools.cache(lambda: {name for network in networks.loaded_networks for name in network.modules})
-        with restoring_without_waiting(networks):
-            seconds = loras.sync(wanted, touches=lambda layer: layer.network_layer_name in touched())
+        try:
+            with restoring_without_waiting(networks):
+                seconds = loras.sync(wanted, touches=lambda layer: layer.network_layer_name in touched())
+        except Exception as error:  # noqa: BLE001 -- eager calls go through webui's Lora, which fuses each layer itself
+            print_failure("fusing the LoRA networks")
+            compiled.run_eagerly(f"fusing the LoRA networks into the UNet failed ({error_summary(error)}); webui "
+                                 "applied them itself, eagerly; please report it with the console's trace")
+            return
         if seconds is not None:
             p.extra_generation_params[f"{INFOTEXT_KEY} LoRA fuse"] = f"{seconds * 1e3:.0f} ms"
             done = f"fused {len(wanted)} LoRA network(s) into" if wanted else "removed the LoRA networks from"
@@ -386,51 +425,8 @@ class Script(scripts.Script):
         return generate(p, args)
 
 
-GENERATION_ROUTES = ("/sdapi/v1/txt2img", "/sdapi/v1/img2img")
-
-
-def accept_onediff_requests(route_app):
-    """Wraps one API route's ASGI app: rewrites OneDiff's request forms into webui's before webui parses the body,
-    and answers 422 naming the argument when this script's ``script_args`` have the wrong type."""
-
-    async def app(scope, receive, send):
-        chunks, more = [], True
-        while more:
-            message = await receive()
-            chunks.append(message.get("body", b""))
-            more = message.get("more_body", False)
-        body = b"".join(chunks)
-        try:
-            request = normalize_request(json.loads(body)) if body else None
-        except ScriptArgsError as error:
-            detail = [{"loc": ["body", "script_args", error.index], "msg": str(error), "type": "value_error"}]
-            payload = json.dumps({"detail": detail}).encode()
-            await send({"type": "http.response.start", "status": 422,
-                        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]})
-            await send({"type": "http.response.body", "body": payload})
-            return
-        except ValueError:
-            request = None  # not JSON: webui answers it as before
-        if request is not None:
-            body = json.dumps(request).encode()
-        replayed = False
-
-        async def replay():
-            nonlocal replayed
-            if replayed:
-                return await receive()
-            replayed = True
-            return {"type": "http.request", "body": body, "more_body": False}
-
-        await route_app(scope, replay, send)
-
-    return app
-
-
 def on_app_started(_demo, app):
-    for route in app.router.routes:
-        if getattr(route, "path", None) in GENERATION_ROUTES and "POST" in getattr(route, "methods", ()):
-            route.app = accept_onediff_requests(route.app)
+    wrap_generation_routes(app.router.routes)
 
 
 script_callbacks.on_app_started(on_app_started, name="onediff API request forms")

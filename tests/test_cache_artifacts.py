@@ -63,3 +63,16 @@ def test_missing_metadata_says_so(tmp_path, compiled_something):
     with pytest.raises(CacheError, match="no readable bare.json") as error:
         cache_artifacts.load(tmp_path, "bare", CPU)
     assert error.value.reason == "has no readable metadata"
+
+
+def test_a_cache_is_read_once_per_file(tmp_path, compiled_something, monkeypatch):
+    """Chosen for every generation, a cache is handed to PyTorch once, and again only when the file changed."""
+    cache_artifacts.save(tmp_path, "chosen", CPU)
+    reads = []
+    load_artifacts = torch.compiler.load_cache_artifacts
+    monkeypatch.setattr(torch.compiler, "load_cache_artifacts", lambda data: reads.append(1) or load_artifacts(data))
+    loaded = set()
+    assert [cache_artifacts.load(tmp_path, "chosen", CPU, loaded) for _ in range(3)] == [True, False, False]
+    assert len(reads) == 1
+    cache_artifacts.save(tmp_path, "chosen", CPU)  # saved again: another file under the same name
+    assert cache_artifacts.load(tmp_path, "chosen", CPU, loaded) and len(reads) == 2

@@ -203,3 +203,75 @@ def test_full_size_unets_trace_every_block_as_a_region(family, traced_graphs):
     assert arch.output_tensor(out).shape == args[0].shape
     calls, distinct = region_calls(traced_graphs[0])
     assert 0 < distinct < calls
+
+
+@torch.no_grad()
+def test_compile_failures_and_runtime_errors_are_told_apart(monkeypatch):
+    """An error while compiling reads "compile failed"; one raised by a graph that compiled (CUDA out of memory in its
+    first replay or its CUDA-graph recording) reads "runtime error". Either way that call and the rest of the
+    generation run eagerly, and the next generation tries the compiled graph again."""
+    import sd_webui_onediff.compile.engine as engine
+
+    def failing_compile(graph, inputs, **kw):
+        raise RuntimeError("injected Inductor failure")
+
+    def first_run_fails(graph, inputs, **kw):
+        runs = []
+
+        def run(*args):
+            runs.append(1)
+            if len(runs) == 1:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected)")
+            return graph.forward(*args)
+        return run
+
+    unet = arch.sd_unet(arch.SD15_TINY, seed=8)
+    args, kwargs = arch.sd_inputs(arch.SD15_TINY, tokens=7)
+    expected = unet(*args, **kwargs)
+    for backend, kind in ((failing_compile, "compile failed: RuntimeError: injected Inductor failure"),
+                          (first_run_fails, "runtime error in the compiled UNet (OutOfMemoryError: CUDA out of memory")):
+        torch._dynamo.reset()
+        monkeypatch.setattr(engine, "compile_fx", backend)
+        ended = []
+        compiled = CompiledUNet(unet, CompileOptions(), on_compile_end=lambda: ended.append(compiled.failure))
+        for _ in range(2):
+            assert torch.equal(compiled(*args, **kwargs), expected)
+        assert compiled.failure.startswith(kind), compiled.failure
+        assert ended == [compiled.failure], "reported once, when it happened"
+    assert "out of GPU memory" in compiled.failure and "compile failed" not in compiled.failure
+    compiled.start_generation()
+    assert relative_error(compiled(*args, **kwargs), expected) < TOLERANCE
+    assert compiled.failure is None and compiled.stats.graphs_compiled == 1, "the next generation runs compiled"
+
+
+@torch.no_grad()
+def test_channels_last_is_undone_after_the_generation(traced_graphs):
+    """Convolution weights are re-laid for compiled calls within their own storage, and laid back for eager webui after
+    the generation; the next generation re-lays them without compiling again."""
+    unet = arch.sd_unet(arch.SD15_TINY, seed=9)
+    convolutions = [m for m in unet.modules() if isinstance(m, torch.nn.Conv2d)]
+    before = [(m.weight.data_ptr(), m.weight.clone()) for m in convolutions]
+    args, kwargs = arch.sd_inputs(arch.SD15_TINY, tokens=7)
+    expected = unet(*args, **kwargs)
+    compiled = CompiledUNet(unet)
+    for generation in range(2):
+        compiled.start_generation()
+        assert all(m.weight.is_contiguous(memory_format=torch.channels_last) for m in convolutions)
+        assert not all(m.weight.is_contiguous() for m in convolutions), "3x3 kernels change layout"
+        assert relative_error(compiled(*args, **kwargs), expected) < TOLERANCE
+        compiled.restore_eager_layout()
+        assert all(m.weight.is_contiguous() for m in convolutions), "eager webui's layout is back"
+        assert all(m.weight.data_ptr() == pointer and torch.equal(m.weight, value)
+                   for m, (pointer, value) in zip(convolutions, before)), "same storage, same values"
+        assert torch.equal(unet(*args, **kwargs), expected), "eager calls compute exactly as before the script"
+    assert compiled.stats.graphs_compiled == 1 and compiled.failure is None
+
+
+def test_a_reason_quotes_one_short_line_of_the_error():
+    """CUDA's out-of-memory message is a single line of allocator statistics: the infotext gets its start."""
+    from sd_webui_onediff.compile.engine import error_summary
+
+    oom = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 60.00 MiB. " + "GPU 0 has statistics. " * 40)
+    assert error_summary(oom).startswith("OutOfMemoryError: CUDA out of memory. Tried to allocate 60.00 MiB.")
+    assert len(error_summary(oom)) < 250 and error_summary(oom).endswith(" ...")
+    assert error_summary(RuntimeError("one\ntwo")) == "RuntimeError: one" and error_summary(KeyError()) == "KeyError"

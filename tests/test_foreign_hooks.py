@@ -124,7 +124,6 @@ def test_every_kind_of_hook_is_found_and_named(unet):
 def test_a_hooked_unet_runs_eagerly_with_the_hook_named_and_kept(unet, inputs, install, traced_graphs):
     args, kwargs = inputs
     clean = unet(*args, **kwargs)
-    compiled = CompiledUNet(unet)
     rng = random.Random()
     if install == "ip_adapter":
         hook, where = ip_adapter_like(unet.get_submodule(ATTN2)), f"an instance forward on {ATTN2}"
@@ -135,6 +134,7 @@ def test_a_hooked_unet_runs_eagerly_with_the_hook_named_and_kept(unet, inputs, i
         unet.middle_block.register_forward_hook(hook)
     rng.seed(0)
     eager = [unet(*args, **kwargs) for _ in range(3)]
+    compiled = CompiledUNet(unet)  # re-lays the convolutions, and lays them back when it runs eagerly
     rng.seed(0)
     for expected in eager:
         assert torch.equal(compiled(*args, **kwargs), expected)

@@ -111,3 +111,36 @@ def test_a_bias_added_to_a_bias_less_layer_reaches_the_compiled_graph():
     assert ((with_bias - before).norm() / before.norm()).item() > 1e-3, "the added bias vanished from the graph"
     to_q.bias = None
     assert torch.allclose(compiled(*args, **kwargs), before, rtol=0, atol=1e-6)
+
+
+@torch.no_grad()
+def test_weights_loaded_in_place_under_an_unchanged_set_are_fused_again():
+    """A refiner of the same architecture loaded in place between two steps: webui's Lora resets every layer's fused
+    set in ``_load_from_state_dict`` (done here by a load pre-hook), the wanted set stays the same, and the LoRA must
+    be fused into the new weights."""
+    unet = arch.sd_unet(arch.SD15_TINY, seed=1)
+    refiner_state = arch.sd_unet(arch.SD15_TINY, seed=2).state_dict()
+    loras = {"A": make_lora(unet, rank=4, seed=10)}
+    applier = KohyaApplier(unet, loras)
+
+    def reset_on_load(layer):
+        def reset(*_):
+            layer.fused_set = ()
+            layer.__dict__.pop("original_weight", None)
+        return reset
+
+    for layer in applier.layers:
+        layer._register_load_state_dict_pre_hook(reset_on_load(layer))
+    fused = FusedLoras(applier.layers, fused=applier.fused, fuse=applier.fuse, back_up=applier.back_up)
+    args, kwargs = arch.sd_inputs(arch.SD15_TINY, tokens=7)
+    applier.wanted = (("A", 1.0),)
+    assert fused.sync(applier.wanted, touches=applier.touches) is not None
+    assert fused.sync(applier.wanted, touches=applier.touches) is None, "nothing changed: no work"
+
+    unet.load_state_dict(refiner_state)
+    assert fused.sync(applier.wanted, touches=applier.touches) is not None, "the reload went unnoticed"
+    expected = reference(refiner_state, applier.wanted, loras)(*args, **kwargs)
+    out = unet(*args, **kwargs)
+    assert ((out - expected).norm() / expected.norm()).item() < 1e-4
+    without = reference(refiner_state, (), loras)(*args, **kwargs)
+    assert ((out - without).norm() / without.norm()).item() > 1e-2, "the LoRA had no effect"

@@ -23,7 +23,7 @@ def test_no_module_imports_our_packages_by_their_bare_names():
             names = [alias.name for alias in node.names] if isinstance(node, ast.Import) else (
                 [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module else [])
             offenders += [f"{path.relative_to(ROOT)}: {name}" for name in names
-                          if name.split(".")[0] in {*OUR_PACKAGES, *WEBUI_OWNED, "script_args", "torch_support"}]
+                          if name.split(".")[0] in {*OUR_PACKAGES, *WEBUI_OWNED, "api_requests", "script_args", "torch_support"}]
     assert not offenders
 
 
@@ -42,7 +42,7 @@ for package in {OUR_PACKAGES!r}:
     module = importlib.import_module("sd_webui_onediff." + package)
     for info in pkgutil.walk_packages(module.__path__, module.__name__ + "."):
         importlib.import_module(info.name)
-for name in ("script_args", "torch_support"):
+for name in ("api_requests", "script_args", "torch_support"):
     importlib.import_module("sd_webui_onediff." + name)
 assert sys.modules["lora"] is builtin_lora, "webui's lora was replaced"
 ours = {str(ROOT)!r}

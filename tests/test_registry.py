@@ -1,9 +1,13 @@
 """Compiled graphs are shared by structure: a new model object of a known structure is served without recompiling,
 and always with its own weights."""
+import gc
+import weakref
+
 import torch
 from sd_webui_onediff.bench import architectures as arch
 from sd_webui_onediff.compile import CompileOptions
 from sd_webui_onediff.compile.registry import CompiledUNets
+from torch.multiprocessing.reductions import StorageWeakRef
 
 OPTIONS = CompileOptions()
 
@@ -34,6 +38,8 @@ def test_reuse_rebind_recompile_and_capacity():
     assert relative_error(out, second(*args, **kwargs)) < 1e-4
     assert relative_error(out, first(*args, **kwargs)) > 0.1, "must run the new object's weights, not the old"
 
+    assert_switches_keep_nothing_old(registry, stats)
+
     # a forced recompile makes a new backend
     lookup = registry.get(second, OPTIONS, recompile=True)
     assert lookup.how == "new" and lookup.compiled.stats is not stats
@@ -43,3 +49,24 @@ def test_reuse_rebind_recompile_and_capacity():
     assert registry.get(inpainting, OPTIONS).how == "new" and len(registry) == 2
     assert registry.get(arch.sd_unet(arch.SD2_TINY), OPTIONS).how == "new" and len(registry) == 1
     assert registry.get(second, OPTIONS).how == "new"
+
+
+def assert_switches_keep_nothing_old(registry, stats):
+    """Switches of the same architecture, alternately a new model object and the same one with its weights
+    reallocated (webui moves a model to the CPU and back): no recompile, and nothing keeps an old model or old weights
+    alive. On a GPU, CUDA-graph trees also record again for new weight addresses: ``bench/fault_bench.py switches``."""
+    args, kwargs = arch.sd_inputs(arch.SD15_TINY, tokens=7)
+    unet, old_models, old_weights = arch.sd_unet(arch.SD15_TINY, seed=3), [], []
+    for seed in range(4, 10):
+        old_weights += [StorageWeakRef(p.untyped_storage()) for p in unet.parameters()]
+        if seed % 2 == 0:
+            old_models.append(weakref.ref(unet))
+            unet = arch.sd_unet(arch.SD15_TINY, seed=seed)
+        else:
+            unet.double().float()  # every parameter gets new storage, in place
+        out = registry.get(unet, OPTIONS).compiled(*args, **kwargs)
+        assert relative_error(out, unet(*args, **kwargs)) < 1e-4
+        gc.collect()
+        assert [ref for ref in old_models if ref() is not None] == [], "an old model object is still alive"
+        assert not [ref for ref in old_weights if not ref.expired()], "old weights are still alive"
+    assert stats.graphs_compiled == 1

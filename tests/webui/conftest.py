@@ -44,18 +44,20 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def webui_factory():
     """Make extra, independent webui instances: ``ui = webui_factory(install_extension=False)``; started for you,
-    stopped at the end of the session. Each gets its own empty TORCHINDUCTOR_CACHE_DIR (``extra_env`` may override):
+    stopped at the end of the session; ``extensions={name: folder}`` links test extensions in before the start. Each gets its own empty TORCHINDUCTOR_CACHE_DIR (``extra_env`` may override):
     Inductor's on-disk cache would otherwise carry compiled code over from earlier sessions and make compiles fast."""
     if _SKIP_REASON:
         pytest.skip(_SKIP_REASON)
     made = []
 
-    def factory(install_extension: bool = True, extra_args=None, start: bool = True, extra_env=None):
+    def factory(install_extension: bool = True, extra_args=None, start: bool = True, extra_env=None, extensions=None):
         base = Path(tempfile.mkdtemp(prefix="sd-webui-test-"))
         env = {"TORCHINDUCTOR_CACHE_DIR": str(base / "inductor-cache"), **(extra_env or {})}
         ui = webui_harness.make_webui(base, install_extension=install_extension, extra_args=extra_args, extra_env=env)
         ui._base_dir = base
         made.append(ui)
+        for name, folder in (extensions or {}).items():
+            ui.install_extension(folder, name=name)
         if start:
             ui.start()
         return ui

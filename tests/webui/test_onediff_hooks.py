@@ -29,9 +29,7 @@ HYPERTILE_SIZE = {"width": 256, "height": 256}
 
 @pytest.fixture(scope="module")
 def ui(webui_factory):
-    ui = webui_factory(start=False)
-    ui.install_extension(STANDINS, name="hook_standins")
-    ui.start()
+    ui = webui_factory(extensions={"hook_standins": STANDINS})
     ui.select_checkpoint("tiny-sd15-a")
     return ui
 

@@ -6,9 +6,9 @@ so a pixel near a rounding boundary can move by one step; over 4 sampler steps t
 A broken graph (wrong weights, missing LoRA, wrong attention) moves the mean by tens.
 
 Eager before vs after a scripted run: the compiled wrapper re-lays the eager UNet's convolution weights in
-channels-last order, in place (``CompileOptions.channels_last``), so later eager images can differ from those made
-before any scripted run by float rounding too; they are held to the same metric, not to bit-equality. That the eager
-UNet is back in place is checked directly: a plain request at a size never compiled logs no OneDiff line at all.
+channels-last order for its calls (``CompileOptions.channels_last``) and lays them back after the generation; eager
+images after a scripted run are held to the same metric. That the eager UNet is back in place is checked directly: a
+plain request at a size never compiled logs no OneDiff line at all.
 
 Compiles take 10-60 s here, so the tests share one webui: SD1.5 compiles once (fixture ``first_compile``) and the
 other SD1.5 tests reuse that graph; SDXL compiles once; the cache-timing and compile-failure tests restart webui with an

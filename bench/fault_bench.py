@@ -1,0 +1,130 @@
+"""What only a GPU can show of issue 13's faults; prints one table per mode.
+
+    python bench/fault_bench.py oom        # CUDA out of memory while compiling: an eager result and the reason
+    python bench/fault_bench.py switches   # GPU memory over many same-architecture switches
+    python bench/fault_bench.py oom --model sd15 --tiny --device cpu   # runs the code path on the CPU (no OOM there)
+
+``oom``: for each memory cap, a fresh ``CompiledUNet`` compiles its first call under
+``torch.cuda.set_per_process_memory_fraction`` (the weights, plus the eager call's peak activations times the cap's
+factor). Each row must show either a compiled call equal to eager within fp16 noise, or an eager result equal to eager
+bit for bit with the reason (``compile failed`` or ``runtime error``); an "eager OOM" row is a cap where eager webui
+itself would fail.
+
+``switches``: the same architecture again and again, alternately the same model with its weights moved to the CPU and
+back (new addresses, as webui's checkpoint switch does) and a new model object, each followed by compiled calls:
+GPU memory allocated and reserved after each round must stay within 10% of round 1's, with no recompile. CUDA-graph
+trees record a graph again for every new set of weight addresses and keep the old recordings (they hold addresses,
+not tensors), checking each on every call: the ms per call column shows whether that check grows with the switches.
+"""
+from __future__ import annotations
+
+import argparse
+import runpy
+from pathlib import Path
+
+import torch
+import torch._dynamo
+
+runpy.run_path(str(Path(__file__).with_name("bootstrap.py")))
+
+from sd_webui_onediff.compile import CompiledUNet, CompileOptions  # noqa: E402
+from sd_webui_onediff.compile.registry import CompiledUNets  # noqa: E402
+from sd_webui_onediff.bench.unet_bench import CASES, fp16_autocast, on_device, peak_gib, relative_error, timed_ms  # noqa: E402
+
+
+def model(args, device: torch.device, seed: int = 0):
+    build, full, tiny, make_inputs, latent = CASES[args.model]
+    config = tiny if args.tiny else full
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    unet = build(config, seed=seed).to(device, dtype)
+    inputs, kwargs = on_device(*make_inputs(config, batch=2, latent=16 if args.tiny else latent), device)
+    return unet, inputs, kwargs
+
+
+def oom(args, device: torch.device) -> None:
+    unet, inputs, kwargs = model(args, device)
+    autocast = fp16_autocast(device)
+    with torch.no_grad():
+        def eager():
+            with autocast:
+                return unet(*inputs, **kwargs)
+
+        expected = eager()
+        weights = torch.cuda.memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
+        activations = peak_gib(eager, device) - weights if device.type == "cuda" else 0.0
+        total = torch.cuda.get_device_properties(device).total_memory / 2**30 if device.type == "cuda" else 0.0
+        print(f"{args.model}: weights {weights:.2f} GiB, eager activations {activations:.2f} GiB, card {total:.0f} GiB")
+        print("| cap (x eager activations) | cap GiB | outcome | error vs eager | reason |")
+        print("|---|---|---|---|---|")
+        for factor in args.factors:
+            torch._dynamo.reset()
+            cap = weights + factor * activations
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+                torch.cuda.set_per_process_memory_fraction(min(1.0, cap / total), device)
+            compiled = CompiledUNet(unet, CompileOptions())
+            try:
+                with autocast:
+                    out = compiled(*inputs, **kwargs)
+            except torch.OutOfMemoryError:
+                print(f"| {factor} | {cap:.2f} | eager OOM (eager webui fails here too) | | |")
+                continue
+            finally:
+                compiled.restore_eager_layout()
+            if compiled.failure is None:
+                outcome, error = "compiled", f"{relative_error(out, expected):.1e}"
+            else:
+                outcome, error = "eager", "0 (bit-equal)" if torch.equal(out, expected) else f"{relative_error(out, expected):.1e}"
+            print(f"| {factor} | {cap:.2f} | {outcome} | {error} | {compiled.failure or ''} |")
+        if device.type == "cuda":
+            torch.cuda.set_per_process_memory_fraction(1.0, device)
+
+
+def switches(args, device: torch.device) -> None:
+    registry = CompiledUNets()
+    unet, inputs, kwargs = model(args, device)
+    autocast = fp16_autocast(device)
+    print("| round | switch | how | graphs compiled | ms per call | allocated GiB | reserved GiB | error vs eager |")
+    print("|---|---|---|---|---|---|---|---|")
+    with torch.no_grad():
+        for round_ in range(1, args.rounds + 1):
+            if round_ > 1 and round_ % 2:
+                switch, unet = "new model object", None  # the old one freed before the next is built
+                unet, inputs, kwargs = model(args, device, seed=round_)
+            elif round_ > 1:
+                switch = "weights to the CPU and back"
+                unet.to("cpu").to(device)
+            else:
+                switch = "first"
+            lookup = registry.get(unet, CompileOptions())
+            with autocast:
+                out = lookup.compiled(*inputs, **kwargs)
+                milliseconds = timed_ms(lambda: lookup.compiled(*inputs, **kwargs), device, repeat=5)
+                lookup.compiled.restore_eager_layout()
+                expected = unet(*inputs, **kwargs)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            allocated = torch.cuda.memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
+            reserved = torch.cuda.memory_reserved(device) / 2**30 if device.type == "cuda" else float("nan")
+            print(f"| {round_} | {switch} | {lookup.how} | {lookup.compiled.stats.graphs_compiled} | {milliseconds:.2f} | "
+                  f"{allocated:.2f} | {reserved:.2f} | {relative_error(out, expected):.1e} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("mode", choices=["oom", "switches"])
+    parser.add_argument("--model", choices=list(CASES), default="sdxl")
+    parser.add_argument("--tiny", action="store_true", help="tiny shapes (CPU check of the code path)")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--factors", type=float, nargs="+", default=[2.0, 1.5, 1.2, 1.1, 1.0, 0.9],
+                        help="oom: memory caps as multiples of the eager call's activation peak, above the weights")
+    parser.add_argument("--rounds", type=int, default=20, help="switches: how many switches")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    if device.type == "cuda" and device.index is None:  # set_per_process_memory_fraction needs the index
+        device = torch.device("cuda", torch.cuda.current_device())
+    {"oom": oom, "switches": switches}[args.mode](args, device)
+
+
+if __name__ == "__main__":
+    main()

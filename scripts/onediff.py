@@ -170,6 +170,8 @@ def generate(p: StableDiffusionProcessing, args: ScriptArgs) -> Processed:
         generation.restore()
     for failure in generation.failures():
         report_after(processed, f"ran eagerly: {failure}")
+    for failure in generation.control_model_failures():
+        report_after(processed, f"the ControlNet model ran eagerly: {failure}")
     if args.saved_cache_name:
         try:
             # The model loaded now: the one loaded when the script started may have been dropped to the meta device.
@@ -281,8 +283,13 @@ class Generation:
             lookup.compiled.restore_eager_layout()
 
     def failures(self) -> list[str]:
-        compiled = [lookup.compiled.failure for lookup in self.lookups() if lookup.compiled.failure]
+        """Why UNet calls ran eagerly."""
+        compiled = [lookup.compiled.failure for _, _, lookup in self.bound if lookup.compiled.failure]
         return list(dict.fromkeys([*self.errors, *compiled]))
+
+    def control_model_failures(self) -> list[str]:
+        """Why ControlNet models ran eagerly; the UNet's pass may still have run compiled."""
+        return list(dict.fromkeys(lookup.compiled.failure for lookup in self.control_models if lookup.compiled.failure))
 
     def describe(self) -> str:
         if self.failures():
@@ -292,7 +299,8 @@ class Generation:
         new = [s for backend, count in self.compile_counts.items() for s in backend.stats.compile_seconds[count:]]
         fresh = any(lookup.how == "new" for lookup in self.lookups())
         done = f"compiled in {sum(new):.1f} s" if new else ("compiled" if fresh else "reused")
-        return ", ".join([*self.outcome, done, *(note for _, note in self.refused if note)])
+        control_models = [f"ControlNet model eager, {failure}" for failure in self.control_model_failures()]
+        return ", ".join([*self.outcome, done, *control_models, *(note for _, note in self.refused if note)])
 
     def update_infotext(self) -> None:
         # Webui renders extra_generation_params into each image's infotext after that image's sampling.

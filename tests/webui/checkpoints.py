@@ -31,8 +31,9 @@ DEFAULT_CHECKPOINTS = {
     "tiny-sd15-b": ("tiny-sd15.yaml", 2),
     "tiny-sdxl": ("tiny-sdxl.yaml", 3),
 }
-CONTROLNET_CHECKPOINT = ("tiny-sd15-cn", "tiny-sd15-cn.yaml", 4)
-"""For the ControlNet tests only (``WebUI.add_controlnet``), not in every test webui."""
+CONTROLNET_CHECKPOINTS = {"tiny-sd15-cn": ("tiny-sd15-cn.yaml", 4), "tiny-sdxl-cn": ("tiny-sdxl-cn.yaml", 5)}
+"""For the ControlNet tests only (``WebUI.add_controlnet``), not in every test webui: SD1.5's and SDXL's full UNet
+topologies at a narrow width."""
 
 _prepared = False
 _last_check: dict = {}
@@ -317,10 +318,10 @@ def build_default_loras(out_dir, webui_path=None) -> dict[str, Path]:
             for name, (cfg, seed) in DEFAULT_LORAS.items()}
 
 
-def build_default_checkpoints(out_dir, webui_path=None) -> dict[str, Path]:
+def build_default_checkpoints(out_dir, webui_path=None, checkpoints=DEFAULT_CHECKPOINTS) -> dict[str, Path]:
     out_dir = Path(out_dir)
     result = {}
-    for name, (cfg, seed) in DEFAULT_CHECKPOINTS.items():
+    for name, (cfg, seed) in checkpoints.items():
         result[name] = build_checkpoint(CONFIGS / cfg, out_dir / f"{name}.safetensors", seed, webui_path=webui_path)
     return result
 
@@ -335,9 +336,15 @@ CONTROLNET_SDXL = dict(num_classes="sequential", adm_in_channels=2816, in_channe
                        transformer_depth_middle=10, use_linear_in_transformer=True, context_dim=2048,
                        num_head_channels=64)
 """What the guesser gives an SDXL ControlNet whose file has ten transformer blocks at the third level (full SDXL)."""
+CONTROLNET_SDXL_MID = dict(CONTROLNET_SDXL, attention_resolutions=[4], transformer_depth=[0, 0, 1],
+                          transformer_depth_middle=1)
+"""What the guesser gives an SDXL ControlNet with one transformer block at the third level (its ``mid`` config)."""
 TINY_WIDTH = dict(model_channels=32, num_heads=2, context_dim=64)
 """Where ``tiny-sd15-cn`` (configs/tiny-sd15-cn.yaml) is narrower than SD1.5; the test extension
 ``extensions/tiny_controlnet_config`` points ControlNet's guesser at its config."""
+TINY_SDXL_WIDTH = dict(model_channels=32, num_head_channels=16, context_dim=320, adm_in_channels=1792)
+"""Where ``tiny-sdxl-cn`` (configs/tiny-sdxl-cn.yaml) is narrower than SDXL; the test extension points the guesser's
+``mid`` config at it."""
 
 
 def _import_controlnet(controlnet_path):
@@ -360,9 +367,10 @@ def _import_controlnet(controlnet_path):
 def build_controlnet_models(out_dir, controlnet_path, webui_path=None, full_size: bool = False) -> dict[str, Path]:
     """Random ControlNet models of ControlNet's own classes, saved as its guesser reads them: an SD1.5 ControlNet
     (hint_channels 3) and, at tiny width, a T2I-Adapter (its guesser takes the widths from the file). Tiny
-    (``tiny-controlnet-sd15``, ``tiny-t2i-adapter-sd15``, for ``tiny-sd15-cn``) or, with ``full_size``, SD1.5's and
-    SDXL's (``controlnet-sd15-random``, ``controlnet-sdxl-random``, float16, for the GPU benchmark). The zero
-    convolutions are re-randomised: at zero a ControlNet adds nothing."""
+    (``tiny-controlnet-sd15``, ``tiny-t2i-adapter-sd15``, for ``tiny-sd15-cn``; ``tiny-controlnet-sdxl``, the guesser's
+    ``mid`` SDXL ControlNet, for ``tiny-sdxl-cn``) or, with ``full_size``, SD1.5's and SDXL's
+    (``controlnet-sd15-random``, ``controlnet-sdxl-random``, float16, for the GPU benchmark). The zero convolutions
+    are re-randomised: at zero a ControlNet adds nothing."""
     _prepare_imports(webui_path)
     import torch
     from safetensors.torch import save_file
@@ -375,7 +383,8 @@ def build_controlnet_models(out_dir, controlnet_path, webui_path=None, full_size
         models = {"controlnet-sd15-random": ControlNet(**CONTROLNET_SD15),
                   "controlnet-sdxl-random": ControlNet(**CONTROLNET_SDXL)}
     else:
-        models = {"tiny-controlnet-sd15": ControlNet(**{**CONTROLNET_SD15, **TINY_WIDTH})}
+        models = {"tiny-controlnet-sd15": ControlNet(**{**CONTROLNET_SD15, **TINY_WIDTH}),
+                  "tiny-controlnet-sdxl": ControlNet(**{**CONTROLNET_SDXL_MID, **TINY_SDXL_WIDTH})}
         channels = TINY_WIDTH["model_channels"]
         models["tiny-t2i-adapter-sd15"] = Adapter(cin=3 * 64, channels=[channels, channels * 2, channels * 4, channels * 4],
                                                   nums_rb=2, ksize=1, sk=True, use_conv=False)
@@ -395,6 +404,8 @@ def main(argv=None):
     ap.add_argument("out_dir", help="folder for the checkpoints (e.g. <data-dir>/models/Stable-diffusion)")
     ap.add_argument("--webui", default=None, help="webui checkout (default: $SD_WEBUI_PATH)")
     ap.add_argument("--config", default=None, help="build one checkpoint from this config instead of the default set")
+    ap.add_argument("--controlnet-checkpoints", action="store_true",
+                    help="build the ControlNet tests' checkpoints (CONTROLNET_CHECKPOINTS) instead of the default set")
     ap.add_argument("--name", default=None, help="checkpoint name for --config")
     ap.add_argument("--seed", type=int, default=0, help="seed for --config")
     ap.add_argument("--half", action="store_true", help="save --config's checkpoint as float16 (full-size models)")
@@ -410,7 +421,8 @@ def main(argv=None):
         paths = {name: build_checkpoint(args.config, Path(args.out_dir) / f"{name}.safetensors", args.seed, args.webui,
                                         half=args.half)}
     else:
-        paths = build_default_checkpoints(args.out_dir, args.webui)
+        paths = build_default_checkpoints(args.out_dir, args.webui,
+                                          CONTROLNET_CHECKPOINTS if args.controlnet_checkpoints else DEFAULT_CHECKPOINTS)
     if args.lora_dir:
         paths.update(build_default_loras(args.lora_dir, args.webui))
     if args.controlnet_dir:

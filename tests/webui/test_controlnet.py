@@ -2,8 +2,9 @@
 run through the compiled residual pass, equal to eager webui with ControlNet, and nothing compiles again when units,
 weights, hints, start/end or their number change, or when ControlNet is turned off and on.
 
-The models are tiny and random (``checkpoints.py``): ``tiny-sd15-cn`` has SD1.5's full UNet topology at a narrow width,
-and the test extension ``extensions/tiny_controlnet_config`` points ControlNet's model guesser at that width. Offline,
+The models are tiny and random (``checkpoints.py``): ``tiny-sd15-cn`` and ``tiny-sdxl-cn`` have SD1.5's and SDXL's full
+UNet topologies at a narrow width, and the test extension ``extensions/tiny_controlnet_config`` points ControlNet's model
+guesser at those widths. Offline,
 the preprocessor is ``none``: the hint image is given.
 """
 from __future__ import annotations
@@ -17,6 +18,7 @@ from webui_harness import MEAN_LIMIT, assert_close, assert_differs, encode_image
 
 SCRIPT = "onediff_diffusion_model"
 CONTROLNET = "tiny-controlnet-sd15"
+SDXL_CONTROLNET = "tiny-controlnet-sdxl"
 T2I_ADAPTER = "tiny-t2i-adapter-sd15"
 HINT = encode_image(init_image())
 OTHER_HINT = encode_image(init_image().transpose(1, 0, 2)[:, ::-1].copy())
@@ -29,6 +31,13 @@ def ui(webui_factory):
     ui.start()
     ui.select_checkpoint("tiny-sd15-cn")
     return ui
+
+
+@pytest.fixture
+def sdxl_ui(ui):
+    ui.select_checkpoint("tiny-sdxl-cn")
+    yield ui
+    ui.select_checkpoint("tiny-sd15-cn")
 
 
 def unit(model: str = CONTROLNET, **settings) -> dict:
@@ -100,3 +109,20 @@ def test_the_benchmark_measures_a_controlnet_unit_without_recompiles(ui, tmp_pat
     out, (row, variations) = run_bench(ui, tmp_path, "speed", "--checkpoint", "tiny-sd15-cn", "--controlnet", CONTROLNET)
     assert row["image difference mean"] <= MEAN_LIMIT, row
     assert variations["recompiles"] == 0 and "recompiles | | 0 |" in out, (variations, out)
+
+
+def test_sdxl_controlnet_unit_compiled_equal_to_eager_and_not_recompiled_when_varied(sdxl_ui):
+    without, _ = generate(sdxl_ui, scripted=False)
+    first = [unit(SDXL_CONTROLNET)]
+    eager, _ = generate(sdxl_ui, scripted=False, units=first)
+    assert "controlnet_sdxl_mid_config" in sdxl_ui.log_text(), "ControlNet's guesser did not take its SDXL mid config"
+    assert_differs(eager, without, "the SDXL ControlNet unit")
+    image, done = generate(sdxl_ui, scripted=True, units=first)
+    assert done.startswith("compiled"), f"the SDXL residual pass compiles once: {done}"
+    assert_close(image, eager, "script with an SDXL ControlNet unit vs eager")
+
+    varied = [unit(SDXL_CONTROLNET, weight=0.5, guidance_start=0.3, guidance_end=0.8)]
+    eager, _ = generate(sdxl_ui, scripted=False, units=varied)
+    image, done = generate(sdxl_ui, scripted=True, units=varied)
+    assert done == "reused", f"weight 0.5, start/end 0.3-0.8: {done}"
+    assert_close(image, eager, "script vs eager, SDXL ControlNet at weight 0.5, start/end 0.3-0.8")

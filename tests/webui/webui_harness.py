@@ -225,23 +225,22 @@ class WebUI:
 
     def add_controlnet(self) -> None:
         """Link sd-webui-controlnet ($SD_WEBUI_CONTROLNET) and the test extension that points its model guesser at the
-        tiny width; build ``tiny-sd15-cn`` (SD1.5's topology, narrow) and the tiny ControlNet models for it. Before
-        ``start()``."""
+        tiny widths; build ``tiny-sd15-cn`` and ``tiny-sdxl-cn`` (SD1.5's and SDXL's topologies, narrow) and the tiny
+        ControlNet models for them. Before ``start()``."""
         controlnet = os.environ.get("SD_WEBUI_CONTROLNET")
         if not controlnet or not (Path(controlnet) / "scripts" / "hook.py").is_file():
             raise RuntimeError("SD_WEBUI_CONTROLNET does not name an sd-webui-controlnet checkout "
                                "(eval \"$(python3 tools/make_webui.py)\" sets it)")
-        from checkpoints import CONTROLNET_CHECKPOINT  # this folder is on sys.path (conftest.py)
+        from checkpoints import CONTROLNET_CHECKPOINTS  # this folder is on sys.path (conftest.py)
 
-        name, config, seed = CONTROLNET_CHECKPOINT
         ckpt_dir = self.data_dir / "models" / "Stable-diffusion"
         cmd = [self.python, str(HERE / "checkpoints.py"), str(ckpt_dir), "--webui", str(self.webui_path),
-               "--config", str(HERE / "configs" / config), "--name", name, "--seed", str(seed),
-               "--controlnet", controlnet, "--controlnet-dir", str(self.data_dir / "models" / "ControlNet")]
+               "--controlnet-checkpoints", "--controlnet", controlnet,
+               "--controlnet-dir", str(self.data_dir / "models" / "ControlNet")]
         r = subprocess.run(cmd, env=self.env(), cwd=str(self.data_dir), capture_output=True, text=True, timeout=600)
         if r.returncode != 0:
             raise RuntimeError(f"building the ControlNet test models failed:\n{r.stdout[-5000:]}\n{r.stderr[-5000:]}")
-        self.checkpoints[name] = ckpt_dir / f"{name}.safetensors"
+        self.checkpoints.update({name: ckpt_dir / f"{name}.safetensors" for name in CONTROLNET_CHECKPOINTS})
         self.install_extension(Path(controlnet), name="sd-webui-controlnet")
         self.install_extension(HERE / "extensions" / "tiny_controlnet_config", name="tiny_controlnet_config")
 

@@ -231,12 +231,17 @@ class CompiledUNet(SharedModule):
             return self._compiled(*args, **kwargs)
 
 
+def first_line(error: BaseException) -> str:
+    """The first line of the error's message ("" for none)."""
+    return (str(error).strip().splitlines() or [""])[0]
+
+
 def error_summary(error: BaseException) -> str:
     """``TypeName: first line of the message``, for one-line reasons."""
-    first_line = (str(error).strip().splitlines() or [""])[0]
-    if len(first_line) > 200:  # CUDA's out-of-memory message is one line of allocator statistics
-        first_line = first_line[:200].rstrip() + " ..."
-    return f"{type(error).__name__}: {first_line}" if first_line else type(error).__name__
+    line = first_line(error)
+    if len(line) > 200:  # CUDA's out-of-memory message is one line of allocator statistics
+        line = line[:200].rstrip() + " ..."
+    return f"{type(error).__name__}: {line}" if line else type(error).__name__
 
 
 def describe_failure(error: BaseException, unet_class: type, *, compiling: bool) -> str:
@@ -252,7 +257,7 @@ def describe_failure(error: BaseException, unet_class: type, *, compiling: bool)
         return f"runtime error in the compiled UNet ({error_summary(error)}), this call and the rest ran eagerly; {advice}"
     # A compiler failure's own first line names only the backend object: the compiler's error says what failed.
     shown = error.inner_exception if isinstance(error, torch._dynamo.exc.BackendCompilerFailed) else error
-    first_line = (str(shown).strip().splitlines() or [type(shown).__name__])[0]
+    line = first_line(shown) or type(shown).__name__
     if isinstance(error, torch._dynamo.exc.RecompileError):
         return (
             f"a value the compiled UNet reads changed between calls with inputs of the same shapes "
@@ -262,18 +267,18 @@ def describe_failure(error: BaseException, unet_class: type, *, compiling: bool)
         )
     if isinstance(error, torch._dynamo.exc.FailOnRecompileLimitHit):
         return (
-            f"compile failed: this UNet already holds the most compiled graphs allowed ({first_line}); "
+            f"compile failed: this UNet already holds the most compiled graphs allowed ({line}); "
             "generate at fewer distinct sizes, batch sizes or prompt lengths, or restart webui to drop the old graphs"
         )
     where = foreign_frame(error, unet_class)
     if where is not None:
         return (
             f"compile failed in {where}, code another extension put in the UNet's path ({type(error).__name__}: "
-            f"{first_line}); turn that extension off for this generation to compile"
+            f"{line}); turn that extension off for this generation to compile"
         )
     if isinstance(error, torch._dynamo.exc.Unsupported):
         return (
-            f"compile failed: the UNet cannot be captured in one graph ({first_line}); another extension that patches "
+            f"compile failed: the UNet cannot be captured in one graph ({line}); another extension that patches "
             "the UNet's forward (e.g. ControlNet, hypernetworks) is the usual cause: disable it for this generation"
         )
     return f"compile failed: {error_summary(shown)}"

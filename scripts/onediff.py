@@ -250,14 +250,9 @@ class Generation:
             self.refused.append((unet, f"not used for {name}"))
             self.update_infotext()
             return
-        lookup = COMPILED_UNETS.get(
-            controlnet_glue.compiled_target(unet), compile_options(), recompile=self.args.always_recompile and not self.bound,
-            on_compile_start=self.on_compile_start, on_compile_end=self.update_infotext,
-        )
+        lookup = self.look_up(controlnet_glue.compiled_target(unet), recompile=self.args.always_recompile and not self.bound)
         print(f"OneDiff: {lookup.how} compiled UNet {type(unet).__module__}.{type(unet).__qualname__} for {name}")
-        self.compile_counts.setdefault(lookup.compiled.backend, len(lookup.compiled.stats.compile_seconds))
         lookup.compiled.before_call = lora_fusing(self.p, unet, lookup.compiled)
-        lookup.compiled.expected_class_forwards = SWAPPED_FORWARDS
         # ControlNet models gain from compiling on CUDA only (CUDA graphs, fused kernels).
         control_models = self.compile_control_model if shared.device.type == "cuda" else None
         model.diffusion_model = controlnet_glue.bound_module(unet, lookup.compiled, control_models)
@@ -266,12 +261,17 @@ class Generation:
 
     def compile_control_model(self, control_model: torch.nn.Module) -> CompiledUNet:
         """A ControlNet model, compiled like a UNet (a structure of its own in the registry), counted in the infotext."""
-        lookup = COMPILED_UNETS.get(control_model, compile_options(), on_compile_start=self.on_compile_start,
-                                    on_compile_end=self.update_infotext)
-        self.compile_counts.setdefault(lookup.compiled.backend, len(lookup.compiled.stats.compile_seconds))
-        lookup.compiled.expected_class_forwards = SWAPPED_FORWARDS
+        lookup = self.look_up(control_model)
         self.control_models.append(lookup)
         return lookup.compiled
+
+    def look_up(self, module: torch.nn.Module, recompile: bool = False):
+        """The registry's compiled wrapper for ``module``, its compiles counted in this generation's infotext."""
+        lookup = COMPILED_UNETS.get(module, compile_options(), recompile=recompile,
+                                    on_compile_start=self.on_compile_start, on_compile_end=self.update_infotext)
+        self.compile_counts.setdefault(lookup.compiled.backend, len(lookup.compiled.stats.compile_seconds))
+        lookup.compiled.expected_class_forwards = SWAPPED_FORWARDS
+        return lookup
 
     def lookups(self) -> list:
         return [*(lookup for _, _, lookup in self.bound), *self.control_models]

@@ -13,9 +13,12 @@ import torch
 import torch.nn.functional as F
 
 from .patching import patched
+from .quantization import QUANTIZED_WEIGHT, quantized_linear
 
 
 def linear_forward(self, input):
+    if QUANTIZED_WEIGHT in self._buffers:  # the "Model Quantization" checkbox (compile/quantization.py)
+        return quantized_linear(self, input)
     return F.linear(input, self.weight, self.bias)
 
 

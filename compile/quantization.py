@@ -1,0 +1,210 @@
+"""8-bit weights and activations for the UNet's large matrix multiplies (the "Model Quantization" checkbox).
+
+Which layers: only the ``Linear`` layers inside the transformer blocks (attention projections, feed-forward, and the
+transformers' ``proj_in``/``proj_out`` where they are Linears), which hold most of the weights (SDXL: 2.2 of 2.6 billion)
+and see many rows per call (one per image token, or per text token). Convolutions, the time and label embeddings and
+the residual blocks' embedding projections see one row per image and stay in the model's precision. Among the
+candidates, ``measure_errors`` runs real calls and ``choose_layers`` keeps out each layer whose own output moves too
+far when quantized.
+
+How: each chosen layer gets two non-persistent buffers beside its weight, the 8-bit weight and its per-output-channel
+scale (``QUANTIZED_WEIGHT``, ``WEIGHT_SCALE``). The weight itself stays the master: webui loads checkpoints and fuses
+LoRAs into it, and ``quantize`` writes the 8-bit copy again *into the same buffers*, so compiled graphs and CUDA-graph
+recordings that read them need no recompile. ``quantized_linear`` is the forward the compiled UNet runs for such a
+layer: each row of the input is scaled by its own absolute maximum (computed on the fly: the compiler fuses it into
+the kernel that produced the input), then one 8-bit GEMM, then both scales and the bias in its epilogue.
+
+Formats: ``int8`` (``torch._int_mm``, int32 accumulation; CUDA compute capability 8.0 and newer, and the CPU) and
+``fp8`` (e4m3, ``torch._scaled_mm`` with row-wise scales; compute capability 8.9 and newer).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Iterable, Mapping
+
+import torch
+import torch.nn.functional as F
+
+QUANTIZED_WEIGHT = "onediff_quantized_weight"
+WEIGHT_SCALE = "onediff_weight_scale"
+FORMATS = ("int8", "fp8")
+MIN_CAPABILITY = {"int8": (8, 0), "fp8": (8, 9)}
+TRANSFORMER_BLOCKS = frozenset({"BasicTransformerBlock", "SpatialTransformer", "SpatialVideoTransformer"})
+MIN_ROWS = 17
+"""``torch._int_mm`` needs more than 16 rows; every candidate sees at least one row per text token (77 and more)."""
+_INT8_MAX = 127.0
+_FP8_MAX = 448.0  # largest finite float8_e4m3fn
+
+
+@dataclasses.dataclass(frozen=True)
+class Quantization:
+    """What to quantize: the format and the qualified names of the layers."""
+
+    format: str
+    layers: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        if self.format not in FORMATS:
+            raise ValueError(f"quantization format must be one of {', '.join(FORMATS)}, not {self.format!r}")
+
+
+def unsupported_reason(format: str, device: torch.device) -> str | None:
+    """Why ``format`` cannot run on ``device`` (None: it can), in words for the UI."""
+    if device.type == "cpu":
+        return None if format == "int8" else f"{format} quantization needs an NVIDIA GPU of compute capability 8.9 or newer"
+    if device.type != "cuda":
+        return f"{format} quantization runs on NVIDIA GPUs only, not on {device.type}"
+    capability = torch.cuda.get_device_capability(device)
+    needed = MIN_CAPABILITY[format]
+    if capability < needed:
+        name = torch.cuda.get_device_name(device)
+        return (f"{format} quantization needs compute capability {needed[0]}.{needed[1]} or newer; "
+                f"this {name} has {capability[0]}.{capability[1]}")
+    return None
+
+
+def candidate_layers(unet: torch.nn.Module) -> dict[str, torch.nn.Linear]:
+    """The Linears inside transformer blocks whose shapes the 8-bit kernels take (both sides multiples of 16)."""
+    inside: set[str] = set()
+    for name, module in unet.named_modules():
+        if type(module).__name__ in TRANSFORMER_BLOCKS:
+            inside.update(f"{name}.{child}" for child, _ in module.named_modules() if child)
+    return {
+        name: module for name, module in unet.named_modules()
+        if name in inside and isinstance(module, torch.nn.Linear)
+        and module.in_features % 16 == 0 and module.out_features % 16 == 0
+    }
+
+
+def quantize_weight(weight: torch.Tensor, format: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-output-channel quantization: (8-bit weight [out, in], float32 scale [out])."""
+    w = weight.detach().float()
+    limit = _INT8_MAX if format == "int8" else _FP8_MAX
+    scale = w.abs().amax(dim=1).clamp(min=1e-12) / limit
+    scaled = w / scale[:, None]
+    if format == "int8":
+        return scaled.round().clamp(-_INT8_MAX, _INT8_MAX).to(torch.int8), scale
+    return scaled.clamp(-_FP8_MAX, _FP8_MAX).to(torch.float8_e4m3fn), scale
+
+
+def quantize_rows(x: torch.Tensor, format: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row quantization of a 2-D activation: (8-bit rows, float32 scale [rows, 1])."""
+    xf = x.float()
+    limit = _INT8_MAX if format == "int8" else _FP8_MAX
+    scale = xf.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / limit
+    scaled = xf / scale
+    if format == "int8":
+        return scaled.round().clamp(-_INT8_MAX, _INT8_MAX).to(torch.int8), scale
+    return scaled.clamp(-_FP8_MAX, _FP8_MAX).to(torch.float8_e4m3fn), scale
+
+
+def quantized_matmul(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
+                     out_dtype: torch.dtype) -> torch.Tensor:
+    """``x @ W.T + bias`` with ``W`` given 8-bit (``weight`` [out, in], ``weight_scale`` [out]) and ``x`` quantized
+    per row here; returns ``out_dtype``."""
+    rows = x.reshape(-1, x.shape[-1])
+    format = "int8" if weight.dtype == torch.int8 else "fp8"
+    quantized, row_scale = quantize_rows(rows, format)
+    if format == "int8":
+        out = torch._int_mm(quantized, weight.t()).float() * row_scale * weight_scale
+    else:
+        # row-wise scaled fp8 GEMMs write bfloat16 (cuBLAS has no float16 output for them)
+        out = torch._scaled_mm(quantized, weight.t(), scale_a=row_scale, scale_b=weight_scale[None, :],
+                               out_dtype=torch.bfloat16)
+    out = out.to(out_dtype)
+    if bias is not None:
+        out = out + bias.to(out_dtype)
+    return out.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def is_quantized(layer: torch.nn.Module) -> bool:
+    return QUANTIZED_WEIGHT in layer._buffers
+
+
+def quantized_linear(layer: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """The forward of a quantized layer: its output in the weight's own dtype (the model's precision)."""
+    return quantized_matmul(x, layer._buffers[QUANTIZED_WEIGHT], layer._buffers[WEIGHT_SCALE], layer.bias,
+                            layer.weight.dtype)
+
+
+def quantize(layers: Iterable[torch.nn.Linear], format: str) -> int:
+    """Writes each layer's 8-bit weight from its weight; returns how many layers. A layer quantized before in the same
+    format is overwritten in place (same buffers, same addresses: graphs and CUDA-graph recordings stay valid)."""
+    count = 0
+    with torch.no_grad():
+        for layer in layers:
+            weight, scale = quantize_weight(layer.weight, format)
+            held = layer._buffers.get(QUANTIZED_WEIGHT)
+            if held is not None and held.dtype == weight.dtype and held.shape == weight.shape and held.device == weight.device:
+                held.copy_(weight)
+                layer._buffers[WEIGHT_SCALE].copy_(scale)
+            else:
+                layer.register_buffer(QUANTIZED_WEIGHT, weight, persistent=False)
+                layer.register_buffer(WEIGHT_SCALE, scale, persistent=False)
+            count += 1
+    return count
+
+
+def dequantize(unet: torch.nn.Module) -> int:
+    """Drops every 8-bit copy from ``unet``; returns how many layers had one."""
+    count = 0
+    for module in unet.modules():
+        if is_quantized(module):
+            del module._buffers[QUANTIZED_WEIGHT], module._buffers[WEIGHT_SCALE]
+            count += 1
+    return count
+
+
+def apply(unet: torch.nn.Module, quantization: Quantization) -> int:
+    """Makes exactly ``quantization.layers`` quantized in ``unet`` (others lose their 8-bit copies); returns the count."""
+    named = dict(unet.named_modules())
+    wanted = set(quantization.layers)
+    for name, module in named.items():
+        if is_quantized(module) and (name not in wanted or module._buffers[QUANTIZED_WEIGHT].dtype != _dtype(quantization.format)):
+            del module._buffers[QUANTIZED_WEIGHT], module._buffers[WEIGHT_SCALE]
+    return quantize((named[name] for name in quantization.layers), quantization.format)
+
+
+def _dtype(format: str) -> torch.dtype:
+    return torch.int8 if format == "int8" else torch.float8_e4m3fn
+
+
+def relative_error(approx: torch.Tensor, exact: torch.Tensor) -> float:
+    exact = exact.float()
+    return ((approx.float() - exact).norm() / exact.norm().clamp(min=1e-12)).item()
+
+
+def measure_errors(layers: Mapping[str, torch.nn.Linear], format: str, run: Callable[[], object]) -> dict[str, float]:
+    """Each layer's own sensitivity: while ``run()`` calls the model (eagerly, unquantized), every layer's output is
+    compared with what the quantized layer would give for the same input; the worst relative error over the calls."""
+    errors = dict.fromkeys(layers, 0.0)
+
+    def hook(name):
+        def compare(layer, inputs, output):
+            x = inputs[0]
+            if x.reshape(-1, x.shape[-1]).shape[0] < MIN_ROWS:
+                errors[name] = float("inf")  # the 8-bit kernel cannot take it
+                return
+            weight, scale = quantize_weight(layer.weight, format)
+            approx = quantized_matmul(x, weight, scale.to(x.device), layer.bias, output.dtype)
+            errors[name] = max(errors[name], relative_error(approx, output))
+        return compare
+
+    handles = [layer.register_forward_hook(hook(name)) for name, layer in layers.items()]
+    try:
+        with torch.no_grad():
+            run()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return errors
+
+
+DEFAULT_THRESHOLDS = {"int8": 0.02, "fp8": 0.06}
+"""A layer whose own output moves further than this when quantized stays in the model's precision. Typical errors
+with row- and channel-wise scales: int8 about 0.01, fp8 e4m3 (3 mantissa bits) about 0.03; a layer well above them has
+outliers that one scale per row or channel cannot resolve."""
+
+
+def choose_layers(errors: Mapping[str, float], threshold: float) -> tuple[str, ...]:
+    return tuple(name for name, error in errors.items() if error <= threshold)

@@ -18,7 +18,7 @@ import torch._dynamo
 from torch._inductor.compile_fx import compile_fx
 from torch.utils._pytree import tree_map_only
 
-from . import regions
+from . import quantization, regions
 from .attention import SdpaAttention, kernel_preference
 from .foreign_hooks import find_class_forwards, find_foreign_hooks, foreign_frame, foreign_hooks_reason, short_path
 from .layers import PLAIN_FORWARDS, plain_layers
@@ -86,6 +86,9 @@ class InductorBackend:
     def __init__(self, options: CompileOptions, *, cuda_graphs: bool):
         self.stats = CompileStats()
         self.cuda_graphs = cuda_graphs
+        self.quantization: quantization.Quantization | None = None
+        """With ``CompileOptions.quantization``: the layers every wrapper of this backend quantizes, chosen on the first
+        call (its graphs are compiled for exactly these)."""
         self.on_compile_start: Callable[[], None] | None = None
         self._inductor_config = {"triton.cudagraphs": cuda_graphs, "max_autotune": options.max_autotune, "freezing": False}
 
@@ -111,6 +114,10 @@ class CompiledUNet(SharedModule):
     So does a call that finds another extension's hook on the UNet (``foreign_hooks``), or that would compile again,
     after the first call of a generation, for inputs like those of an earlier compiled call (a value the traced code
     reads changed: a step counter would make it compile on every step).
+
+    With ``options.quantization``, the compiled calls run the chosen layers in 8 bits (``quantization``); eager calls
+    never do. Their 8-bit copies are rewritten where the weights changed when a generation starts, on ``requantize``,
+    and when a witness layer shows that a checkpoint was loaded in place between two calls.
     """
 
     def __init__(
@@ -143,6 +150,7 @@ class CompiledUNet(SharedModule):
         self._named_modules = list(unet.named_modules())
         self._swapped_classes = [*(self._attention.classes if self._attention else ()), *PLAIN_FORWARDS]
         self._value_recompile_allowed = True
+        self._witness: torch.nn.Module | None = None  # set by object.__setattr__, else it would join the shared _modules
         # Kept out of nn.Module's registry: the compiled callable is not a submodule of its own wrapper.
         object.__setattr__(self, "_compiled", torch.compile(unet, backend=self.backend, fullgraph=True, dynamic=False))
 
@@ -157,6 +165,21 @@ class CompiledUNet(SharedModule):
         self.failure = None
         self._value_recompile_allowed = True
         self._relay_for_compiled_calls()
+        if self.options.quantization is None:
+            quantization.dequantize(self.eager)  # the unquantized graphs run on eager modules without 8-bit copies
+        else:
+            self.requantize()
+
+    def requantize(self) -> int:
+        """Rewrites, in place, the 8-bit copy of each quantized layer whose weight changed (a fused LoRA, a checkpoint
+        loaded into the same module), and quantizes a module object bound for the first time; returns how many layers
+        it wrote. Call it after changing weights in place between calls; cheap when nothing changed."""
+        if self.backend.quantization is None:
+            return 0
+        written = quantization.apply(self.eager, self.backend.quantization)
+        layers = self.backend.quantization.layers
+        object.__setattr__(self, "_witness", self.eager.get_submodule(layers[0]) if layers else None)
+        return written
 
     def restore_eager_layout(self) -> None:
         """Gives the eager module back its own layout (``channels_last`` re-lays convolution weights): eager calls
@@ -179,6 +202,8 @@ class CompiledUNet(SharedModule):
             self.before_call()
         if self.failure is None:
             self._refuse_foreign_hooks()
+        if self.failure is None and self.options.quantization is not None:
+            self._quantize(args, kwargs)
         if self.failure is not None:
             return self.eager(*args, **kwargs)
         graphs_before = self.stats.graphs_compiled
@@ -211,6 +236,27 @@ class CompiledUNet(SharedModule):
             reason = foreign_hooks_reason(hooks)
             log.warning("OneDiff: running the UNet eagerly: %s", reason)
             self.run_eagerly(reason)
+
+    def _quantize(self, args, kwargs) -> None:
+        """The first call of a structure chooses its layers on its own inputs, before anything is compiled. Later calls
+        check one witness layer: a checkpoint loaded in place (a refiner, between two steps) changes every weight."""
+        if self.backend.quantization is None:
+            reason = None
+            try:
+                self.backend.quantization = quantization.plan(
+                    self.eager, self.options.quantization, lambda: self.eager(*args, **kwargs))
+                log.info("OneDiff: quantizing %d of the UNet's layers in %s", len(self.backend.quantization.layers),
+                         self.options.quantization)
+            except Exception as error:  # noqa: BLE001 -- the call runs eagerly, with the reason
+                reason = (f"choosing the layers to quantize failed ({error_summary(error)}); this generation ran "
+                          "eagerly; turn quantization off to compile")
+            if reason is not None:
+                log.error("OneDiff: running the UNet eagerly: %s", reason)
+                self.run_eagerly(reason)
+                return
+            self.requantize()
+        elif self._witness is not None and quantization.is_stale(self._witness):
+            self.requantize()
 
     def _compile_ended(self) -> None:
         if self.on_compile_end is not None:

@@ -10,7 +10,8 @@ far when quantized.
 How: each chosen layer gets two non-persistent buffers beside its weight, the 8-bit weight and its per-output-channel
 scale (``QUANTIZED_WEIGHT``, ``WEIGHT_SCALE``). The weight itself stays the master: webui loads checkpoints and fuses
 LoRAs into it, and ``quantize`` writes the 8-bit copy again *into the same buffers*, so compiled graphs and CUDA-graph
-recordings that read them need no recompile. ``quantized_linear`` is the forward the compiled UNet runs for such a
+recordings that read them need no recompile; ``apply`` rewrites only the layers whose weight changed since their copy
+was written (``weight_source``: the tensor, its address and its in-place version counter). ``quantized_linear`` is the forward the compiled UNet runs for such a
 layer: each row of the input is scaled by its own absolute maximum (computed on the fly: the compiler fuses it into
 the kernel that produced the input), then one 8-bit GEMM, then both scales and the bias in its epilogue.
 
@@ -27,6 +28,9 @@ import torch.nn.functional as F
 
 QUANTIZED_WEIGHT = "onediff_quantized_weight"
 WEIGHT_SCALE = "onediff_weight_scale"
+BUFFERS = frozenset({QUANTIZED_WEIGHT, WEIGHT_SCALE})
+QUANTIZED_FROM = "onediff_quantized_from"
+"""A quantized layer's attribute: ``weight_source`` of the weight its 8-bit copy was written from."""
 FORMATS = ("int8", "fp8")
 MIN_CAPABILITY = {"int8": (8, 0), "fp8": (8, 9)}
 TRANSFORMER_BLOCKS = frozenset({"BasicTransformerBlock", "SpatialTransformer", "SpatialVideoTransformer"})
@@ -61,6 +65,15 @@ def unsupported_reason(format: str, device: torch.device) -> str | None:
         return (f"{format} quantization needs compute capability {needed[0]}.{needed[1]} or newer; "
                 f"this {name} has {capability[0]}.{capability[1]}")
     return None
+
+
+def auto_format(device: torch.device) -> str:
+    """The format "auto" picks: fp8 where the card runs it (compute capability 8.9 and newer: Ada, Hopper, Blackwell),
+    else int8 (the CPU too). Provisional: chosen from the hardware's 8-bit rates, not yet from measured speed and image
+    quality on each card (``bench/quant_bench.py``)."""
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) >= MIN_CAPABILITY["fp8"]:
+        return "fp8"
+    return "int8"
 
 
 def candidate_layers(unet: torch.nn.Module) -> dict[str, torch.nn.Linear]:
@@ -127,6 +140,17 @@ def quantized_linear(layer: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
                             layer.weight.dtype)
 
 
+def weight_source(weight: torch.Tensor) -> tuple:
+    """Changes whenever the weight's values may have: another tensor, other memory, or an in-place write (a checkpoint
+    loaded into it, a LoRA fused into it: every in-place operation bumps ``_version``, also under ``no_grad``)."""
+    return id(weight), weight.data_ptr(), weight._version
+
+
+def is_stale(layer: torch.nn.Module) -> bool:
+    """Whether the layer's 8-bit copy is missing or was written from a weight that changed since."""
+    return not is_quantized(layer) or layer.__dict__.get(QUANTIZED_FROM) != weight_source(layer.weight)
+
+
 def quantize(layers: Iterable[torch.nn.Linear], format: str) -> int:
     """Writes each layer's 8-bit weight from its weight; returns how many layers. A layer quantized before in the same
     format is overwritten in place (same buffers, same addresses: graphs and CUDA-graph recordings stay valid)."""
@@ -141,8 +165,14 @@ def quantize(layers: Iterable[torch.nn.Linear], format: str) -> int:
             else:
                 layer.register_buffer(QUANTIZED_WEIGHT, weight, persistent=False)
                 layer.register_buffer(WEIGHT_SCALE, scale, persistent=False)
+            layer.__dict__[QUANTIZED_FROM] = weight_source(layer.weight)
             count += 1
     return count
+
+
+def _drop(layer: torch.nn.Module) -> None:
+    del layer._buffers[QUANTIZED_WEIGHT], layer._buffers[WEIGHT_SCALE]
+    layer.__dict__.pop(QUANTIZED_FROM, None)
 
 
 def dequantize(unet: torch.nn.Module) -> int:
@@ -150,19 +180,21 @@ def dequantize(unet: torch.nn.Module) -> int:
     count = 0
     for module in unet.modules():
         if is_quantized(module):
-            del module._buffers[QUANTIZED_WEIGHT], module._buffers[WEIGHT_SCALE]
+            _drop(module)
             count += 1
     return count
 
 
 def apply(unet: torch.nn.Module, quantization: Quantization) -> int:
-    """Makes exactly ``quantization.layers`` quantized in ``unet`` (others lose their 8-bit copies); returns the count."""
+    """Makes exactly ``quantization.layers`` quantized in ``unet`` (others lose their 8-bit copies), writing the copy of
+    each layer that has none or whose weight changed since (``is_stale``); returns how many copies it wrote. Cheap when
+    nothing changed: call it whenever the weights may have (a generation starts, a LoRA was fused)."""
     named = dict(unet.named_modules())
     wanted = set(quantization.layers)
     for name, module in named.items():
         if is_quantized(module) and (name not in wanted or module._buffers[QUANTIZED_WEIGHT].dtype != _dtype(quantization.format)):
-            del module._buffers[QUANTIZED_WEIGHT], module._buffers[WEIGHT_SCALE]
-    return quantize((named[name] for name in quantization.layers), quantization.format)
+            _drop(module)
+    return quantize((named[name] for name in quantization.layers if is_stale(named[name])), quantization.format)
 
 
 def _dtype(format: str) -> torch.dtype:
@@ -208,3 +240,10 @@ outliers that one scale per row or channel cannot resolve."""
 
 def choose_layers(errors: Mapping[str, float], threshold: float) -> tuple[str, ...]:
     return tuple(name for name, error in errors.items() if error <= threshold)
+
+
+def plan(unet: torch.nn.Module, format: str, run: Callable[[], object]) -> Quantization:
+    """The layers of ``unet`` to quantize in ``format``: the candidates whose own error, measured while ``run()`` calls
+    ``unet`` eagerly once, is within ``DEFAULT_THRESHOLDS[format]``."""
+    errors = measure_errors(candidate_layers(unet), format, run)
+    return Quantization(format, choose_layers(errors, DEFAULT_THRESHOLDS[format]))

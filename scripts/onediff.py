@@ -37,7 +37,7 @@ TORCH_PROBLEM = torch_version_problem(torch.__version__)
 if TORCH_PROBLEM:
     print(TORCH_PROBLEM, file=sys.stderr)
 else:
-    from sd_webui_onediff.compile import CompileOptions, cache_artifacts  # noqa: E402
+    from sd_webui_onediff.compile import CompileOptions, cache_artifacts, quantization  # noqa: E402
     from sd_webui_onediff.compile.engine import CompiledUNet, error_summary  # noqa: E402
     from sd_webui_onediff.compile.layers import PLAIN_FORWARDS  # noqa: E402
     from sd_webui_onediff.compile.patching import patched  # noqa: E402
@@ -52,6 +52,8 @@ else:
 INFOTEXT_KEY = "OneDiff"
 CACHE_DIR_OPTION = "onediff_compiler_caches_path"
 LORA_BACKUPS_OPTION = "onediff_lora_backups"
+QUANTIZATION_FORMAT_OPTION = "onediff_quantization_format"
+QUANTIZATION_FORMATS = ("auto", "int8", "fp8")
 LORA_BACKUP_PLACES = {
     "GPU memory if it has room": None,
     "GPU memory": True,
@@ -95,6 +97,22 @@ shared.opts.add_option(
 )
 
 
+shared.opts.add_option(
+    QUANTIZATION_FORMAT_OPTION,
+    shared.OptionInfo(
+        "auto",
+        "Format of 'Model Quantization(int8) Speed Up'",
+        gr.Radio,
+        {"choices": list(QUANTIZATION_FORMATS)},
+        section=("onediff", "OneDiff"),
+    ).info(
+        "auto: fp8 on cards of compute capability 8.9 and newer (RTX 40xx, L4, H100), int8 on older cards and the CPU "
+        "(a provisional choice, not yet measured on each card); where the chosen format cannot run, the generation is "
+        "compiled without quantization and says why"
+    ),
+)
+
+
 def cache_dir() -> Path:
     return Path(getattr(shared.opts, CACHE_DIR_OPTION, "") or EXTENSION_ROOT / "compiler_caches")
 
@@ -132,15 +150,25 @@ def unsupported_reason(unet: torch.nn.Module) -> str | None:
     return None
 
 
-def compile_options() -> CompileOptions:
-    return CompileOptions(upcast_attention=bool(shared.opts.upcast_attn))
+def compile_options(quantization_format: str | None = None) -> CompileOptions:
+    return CompileOptions(upcast_attention=bool(shared.opts.upcast_attn), quantization=quantization_format)
+
+
+def quantization_format(p: StableDiffusionProcessing) -> tuple[str | None, str | None]:
+    """The format the checked quantization box runs in (None: none), and, where the chosen format cannot run on
+    webui's device, the note for the infotext (the generation is compiled unquantized)."""
+    setting = getattr(shared.opts, QUANTIZATION_FORMAT_OPTION, "auto")
+    format = quantization.auto_format(shared.device) if setting == "auto" else setting
+    reason = quantization.unsupported_reason(format, shared.device)
+    if reason is None:
+        return format, None
+    report(p, f"not quantized: {reason}; generated with the unquantized compiled UNet. Choose another format in "
+              "Settings > OneDiff, or uncheck 'Model Quantization(int8) Speed Up'")
+    return None, f"not quantized: {reason}"
 
 
 def generate(p: StableDiffusionProcessing, args: ScriptArgs) -> Processed:
     global ACTIVE_GENERATION
-    if args.quantization:
-        report(p, "int8 quantization is not available in this version; the checkbox was ignored")
-        p.extra_generation_params[f"{INFOTEXT_KEY} quantization"] = "ignored"
     unet = shared.sd_model.model.diffusion_model
     reason = unsupported_reason(unet)
     if reason:
@@ -163,6 +191,8 @@ def generate(p: StableDiffusionProcessing, args: ScriptArgs) -> Processed:
             outcome.append(f"cache {args.compiler_cache} could not be loaded")
 
     generation = ACTIVE_GENERATION = Generation(p, args, outcome)
+    if args.quantization:
+        generation.quantization, generation.quantization_note = quantization_format(p)
     try:
         processed = process_images(p)
     finally:
@@ -225,6 +255,8 @@ class Generation:
         self.errors = []  # why binding failed, for the infotext
         self.compile_counts = {}  # backend -> its number of compiles when this generation first used it
         self.control_models = []  # Lookup of each ControlNet model compiled in this generation
+        self.quantization: str | None = None  # the UNets' 8-bit format (not the ControlNet models')
+        self.quantization_note: str | None = None  # why the checked box quantized nothing
 
     def bind(self, sd_model) -> None:
         """Errors here must not escape: webui's callback runner would print them and go on eagerly, unexplained."""
@@ -250,7 +282,8 @@ class Generation:
             self.refused.append((unet, f"not used for {name}"))
             self.update_infotext()
             return
-        lookup = self.look_up(controlnet_glue.compiled_target(unet), recompile=self.args.always_recompile and not self.bound)
+        lookup = self.look_up(controlnet_glue.compiled_target(unet), recompile=self.args.always_recompile and not self.bound,
+                              quantization_format=self.quantization)
         print(f"OneDiff: {lookup.how} compiled UNet {type(unet).__module__}.{type(unet).__qualname__} for {name}")
         lookup.compiled.before_call = lora_fusing(self.p, unet, lookup.compiled)
         # ControlNet models gain from compiling on CUDA only (CUDA graphs, fused kernels).
@@ -265,9 +298,9 @@ class Generation:
         self.control_models.append(lookup)
         return lookup.compiled
 
-    def look_up(self, module: torch.nn.Module, recompile: bool = False):
+    def look_up(self, module: torch.nn.Module, recompile: bool = False, quantization_format: str | None = None):
         """The registry's compiled wrapper for ``module``, its compiles counted in this generation's infotext."""
-        lookup = COMPILED_UNETS.get(module, compile_options(), recompile=recompile,
+        lookup = COMPILED_UNETS.get(module, compile_options(quantization_format), recompile=recompile,
                                     on_compile_start=self.on_compile_start, on_compile_end=self.update_infotext)
         self.compile_counts.setdefault(lookup.compiled.backend, len(lookup.compiled.stats.compile_seconds))
         lookup.compiled.expected_class_forwards = SWAPPED_FORWARDS
@@ -300,7 +333,14 @@ class Generation:
         fresh = any(lookup.how == "new" for lookup in self.lookups())
         done = f"compiled in {sum(new):.1f} s" if new else ("compiled" if fresh else "reused")
         control_models = [f"ControlNet model eager, {failure}" for failure in self.control_model_failures()]
-        return ", ".join([*self.outcome, done, *control_models, *(note for _, note in self.refused if note)])
+        return ", ".join([*self.outcome, done, *self.quantized(), *control_models, *(note for _, note in self.refused if note)])
+
+    def quantized(self) -> list[str]:
+        """What ran in 8 bits, e.g. ``int8 140 layers`` per structure, or why nothing did."""
+        if self.quantization_note:
+            return [self.quantization_note]
+        plans = (lookup.compiled.backend.quantization for _, _, lookup in self.bound)
+        return list(dict.fromkeys(f"{plan.format} {len(plan.layers)} layers" for plan in plans if plan is not None))
 
     def update_infotext(self) -> None:
         # Webui renders extra_generation_params into each image's infotext after that image's sampling.
@@ -355,6 +395,7 @@ def lora_fusing(p: StableDiffusionProcessing, unet: torch.nn.Module, compiled):
                                  "applied them itself, eagerly; please report it with the console's trace")
             return
         if seconds is not None:
+            compiled.requantize()  # the 8-bit copies of the layers the networks changed
             p.extra_generation_params[f"{INFOTEXT_KEY} LoRA fuse"] = f"{seconds * 1e3:.0f} ms"
             done = f"fused {len(wanted)} LoRA network(s) into" if wanted else "removed the LoRA networks from"
             print(f"OneDiff: {done} the UNet in {seconds * 1e3:.0f} ms")
@@ -414,7 +455,7 @@ class Script(scripts.Script):
     def ui(self, is_img2img):
         from modules.ui_common import create_refresh_button
 
-        quantization = gr.Checkbox(label="Model Quantization(int8) Speed Up", value=False, visible=False)
+        quantization = gr.Checkbox(label="Model Quantization(int8) Speed Up", value=False)
         with gr.Row():
             compiler_cache = gr.Dropdown(label="Compiler caches", choices=saved_cache_choices(), value=NO_CACHE)
             create_refresh_button(

@@ -2,9 +2,10 @@
 
 Quantized images are not equal to eager webui's: each 8-bit layer's output moves by about 1 %. They count as close when
 their SSIM against eager webui's image of the same request is at least MIN_SSIM (``bench/image_quality.py``); and as
-"changed by quantization" when they are not equal, in the compiled-vs-eager sense (``webui_harness.assert_close``), to
-the unquantized compiled image. A quantized generation that compiles nothing reads ``OneDiff: reused, int8 N layers``;
-N is the same for every generation of the structure (the layers are chosen once).
+"changed by quantization" when they differ from the unquantized compiled image by more than CHANGED: the tiny models'
+64x64 images move less than full-size ones, within the compiled-vs-eager limits of ``webui_harness.assert_close``. A
+quantized generation that compiles nothing reads ``OneDiff: reused, int8 N layers``; N is the same for every
+generation of the structure (the layers are chosen once).
 
 The module compiles tiny SD1.5 twice (unquantized, then int8); every later request reuses one of those graphs. It
 restarts webui when it ends, so that its compiled entries do not count in later modules' registries.
@@ -28,6 +29,9 @@ QUANTIZED = [True, "None", "", False]
 PROMPT = "a photo of a cat"
 LORA = "<lora:tiny-lora-sd15:1>"
 MIN_SSIM = 0.95
+CHANGED = 0.1
+"""Mean absolute uint8 difference from the unquantized compiled image above which quantization changed the image:
+here the unquantized compiled image is within 1e-4 of eager's on average, and int8 moves it by 0.8 (largest 6)."""
 FORMAT_OPTION = "onediff_quantization_format"
 
 
@@ -57,8 +61,8 @@ def assert_similar(image, reference, what: str) -> None:
 
 
 def assert_quantization_changed(image, unquantized, what: str) -> None:
-    with pytest.raises(AssertionError):
-        assert_close(image, unquantized, what)
+    mean, _ = difference(image, unquantized)
+    assert mean > CHANGED, f"{what}: mean difference only {mean:.4f} (want > {CHANGED}): was anything quantized?"
 
 
 @pytest.fixture(scope="module")
@@ -104,11 +108,12 @@ def test_second_quantized_generation_reuses_graph_and_layers(on_a, first):
 
 def test_lora_on_the_quantized_model(on_a, first):
     """The LoRA is fused into the fp16 weights, and the 8-bit copies of the layers it changed are written again; when
-    it goes, the weights are restored exactly and so are the 8-bit copies."""
-    eager, _ = generate(on_a, prompt=f"{PROMPT} {LORA}")
+    it goes, the weights are restored exactly and so are the 8-bit copies (after eager webui's LoRA request: webui
+    leaves the LoRA in the weights, and the next generation finds the changed layers when it starts)."""
     image, text = generate(on_a, QUANTIZED, prompt=f"{PROMPT} {LORA}")
     quantized_layers(text)
     assert re.fullmatch(r"\d+ ms", field(text, "OneDiff LoRA fuse") or ""), text
+    eager, _ = generate(on_a, prompt=f"{PROMPT} {LORA}")
     assert_similar(image, eager, "quantized with LoRA vs eager with LoRA")
     assert_differs(image, first["quantized"], "quantized with LoRA vs without")
     again, text = generate(on_a, QUANTIZED)
@@ -117,7 +122,9 @@ def test_lora_on_the_quantized_model(on_a, first):
 
 
 def test_same_architecture_checkpoint_switch(ui, first):
-    """webui loads tiny-sd15-b's weights into the same model: the 8-bit copies follow, without a recompile."""
+    """tiny-sd15-b has a config file of its own, so webui builds a new model object for it: the layers chosen for
+    tiny-sd15-a are quantized in it and the graph is reused. Weights loaded into the same model, which this webui test
+    cannot reach, are rewritten too: ``tests/test_quantization.py::test_quantized_entries_reuse_the_plan_and_keep_weights_in_step``."""
     ui.select_checkpoint("tiny-sd15-b")
     try:
         eager, _ = generate(ui)

@@ -29,6 +29,9 @@ class CompiledUNets:
     compiling again then mostly hits Inductor's on-disk cache. Six: with ControlNet each architecture has three
     structures (the plain UNet, its residual pass, the ControlNet model), and a session that mixes SD1.5 and SDXL with
     ControlNet would otherwise drop and recompile everything on each change of architecture.
+
+    An entry is a structure with its options: a quantized format (``CompileOptions.quantization``) is an entry of its
+    own, with its own graphs and its own choice of layers, beside the structure's unquantized one.
     """
 
     def __init__(self, capacity: int = 6):

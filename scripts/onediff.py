@@ -191,8 +191,6 @@ def generate(p: StableDiffusionProcessing, args: ScriptArgs) -> Processed:
             outcome.append(f"cache {args.compiler_cache} could not be loaded")
 
     generation = ACTIVE_GENERATION = Generation(p, args, outcome)
-    if args.quantization:
-        generation.quantization, generation.quantization_note = quantization_format(p)
     try:
         processed = process_images(p)
     finally:
@@ -255,8 +253,8 @@ class Generation:
         self.errors = []  # why binding failed, for the infotext
         self.compile_counts = {}  # backend -> its number of compiles when this generation first used it
         self.control_models = []  # Lookup of each ControlNet model compiled in this generation
-        self.quantization: str | None = None  # the UNets' 8-bit format (not the ControlNet models')
-        self.quantization_note: str | None = None  # why the checked box quantized nothing
+        # The UNets' 8-bit format (not the ControlNet models'), or the note why the checked box quantized nothing.
+        self.quantization, self.quantization_note = quantization_format(p) if args.quantization else (None, None)
 
     def bind(self, sd_model) -> None:
         """Errors here must not escape: webui's callback runner would print them and go on eagerly, unexplained."""

@@ -151,3 +151,13 @@ def test_quantized_entries_reuse_the_plan_and_keep_weights_in_step(quantized_sd1
     plain = registry.get(other, CompileOptions())
     assert plain.how == "new" and not any(q.is_quantized(module) for module in other.modules())
     unet.load_state_dict(UNETS["sd15"](1)[0].state_dict())
+
+
+@torch.no_grad()
+def test_quantized_sdxl_is_close_to_eager_and_not_equal():
+    unet, (args, kwargs) = UNETS["sdxl"](3)
+    lookup = CompiledUNets().get(unet, INT8)
+    out = lookup.compiled(*args, **kwargs)
+    plan = lookup.compiled.backend.quantization
+    assert lookup.compiled.failure is None and plan.layers
+    assert 1e-3 < relative_error(out, unet(*args, **kwargs)) < 0.05

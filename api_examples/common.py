@@ -22,6 +22,8 @@ def parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--compiler-cache", default="None", help="a saved compiler cache to load first")
     p.add_argument("--save-cache", default="", help="save what this request compiles under this name")
+    p.add_argument("--quantize", action="store_true",
+                   help="'Model Quantization(int8) Speed Up': 8-bit layers, format from Settings > OneDiff")
     return p
 
 
@@ -34,7 +36,7 @@ def payload(args: argparse.Namespace) -> dict:
         "seed": args.seed,
         "script_name": SCRIPT,
         # the Script's arguments in UI order: quantization, compiler_cache, saved_cache_name, always_recompile
-        "script_args": [False, args.compiler_cache, args.save_cache, False],
+        "script_args": [args.quantize, args.compiler_cache, args.save_cache, False],
     }
 
 

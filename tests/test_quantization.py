@@ -184,3 +184,22 @@ def test_blocks_quantized_differently_do_not_share_a_trace(monkeypatch):
     assert compiled.failure is None and 0 < len(compiled.backend.quantization.layers) < len(candidates)
     with plain_layers(), SdpaAttention(unet, upcast=False).installed():
         assert relative_error(out, unet(*args, **kwargs)) < 1e-5
+
+
+@torch.no_grad()
+def test_controlnets_residual_pass_quantizes_the_unets_layers():
+    """With ControlNet the compiled module is the UNet's residual pass (``compile/residuals.py``), which shares its
+    modules under the same names: its plan names the UNet's layers. Its 7-token prompt gives cross-attention's key and
+    value projections 14 rows, too few for ``torch._int_mm``: they stay unquantized."""
+    from sd_webui_onediff.compile.residuals import block_shapes, residual_pass, zero_residuals
+
+    unet = arch.sd_unet(arch.SD15_TINY, seed=1)
+    (x, t), kwargs = arch.sd_inputs(arch.SD15_TINY, tokens=7)
+    residuals = zero_residuals(block_shapes(unet, x.shape), x.dtype, x.device)
+    lookup = CompiledUNets().get(residual_pass(unet), INT8)
+    out = lookup.compiled(x, t, kwargs["context"], None, residuals)
+    layers = lookup.compiled.backend.quantization.layers
+    assert lookup.compiled.failure is None and layers
+    assert all(q.is_quantized(unet.get_submodule(name)) for name in layers)
+    assert not [name for name in layers if name.endswith(("attn2.to_k", "attn2.to_v"))]
+    assert 1e-3 < relative_error(out, unet(x, t, **kwargs)) < 0.05

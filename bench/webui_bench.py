@@ -14,7 +14,9 @@ Each prints a markdown table and appends its rows to ``--json``. Only the standa
   script; it/s from the difference of a 30-step and a 10-step request (text encoding, VAE decode and the HTTP round trip
   cancel out). The script's first request (compile, or the cache given with ``--cache``) is timed apart. Peak GPU
   memory as webui's ``/sdapi/v1/memory`` reports it (torch's allocator, since webui started): eager runs first, so the
-  peak after the script's runs is the higher of the two. Last, one image each way, same seed, compared pixel by pixel.
+  peak after the script's runs is the higher of the two. Last, one image each way, same seed, compared pixel by pixel
+  and by SSIM (``image_quality.py``). ``--quantize``: the script's requests with "Model Quantization(int8) Speed Up"
+  (the format webui's setting names), in every benchmark.
 - ``switch``: seconds webui takes to load another checkpoint (``sd_model_checkpoint``), eager webui against the script,
   where the switch also includes the first image after it (rebinding the compiled graph, 0 compiles expected). Both
   checkpoints are loaded once before, so webui's hashing of a checkpoint's first load counts in neither.
@@ -50,8 +52,10 @@ BASE = {"prompt": "a photo of a cat, highly detailed", "negative_prompt": "blurr
 
 
 class WebUI:
-    def __init__(self, url: str):
+    def __init__(self, url: str, script_args: list | None = None):
         self.url = url.rstrip("/")
+        self.script_args = script_args or []
+        """The script's arguments where a request names none (``[True]`` with ``--quantize``)."""
 
     def post(self, path: str, body: dict, timeout: float = 1800) -> dict:
         response = requests.post(self.url + path, json=body, timeout=timeout)
@@ -76,7 +80,7 @@ class WebUI:
     def timed_txt2img(self, script: bool, script_args: list | None = None, **payload) -> tuple[float, dict]:
         body = {**BASE, **payload}
         if script:
-            body.update(script_name=SCRIPT_TITLE, script_args=script_args or [])
+            body.update(script_name=SCRIPT_TITLE, script_args=self.script_args if script_args is None else script_args)
         started = time.perf_counter()
         answer = self.post("/sdapi/v1/txt2img", body)
         return time.perf_counter() - started, answer
@@ -189,19 +193,21 @@ def speed(ui: WebUI, args) -> list[dict]:
     ui.txt2img(False, steps=4, **size)  # warm-up: cuDNN/cuBLAS choices, allocator
     eager_s, eager_its = steps_per_second(ui, args.repeat, False, args.steps, **size)
     eager_memory = ui.memory_gib()
-    first_s, first_info = ui.txt2img(True, [False, args.cache or "None", args.save_cache], steps=args.steps, **size)
+    first_s, first_info = ui.txt2img(True, [args.quantize, args.cache or "None", args.save_cache], steps=args.steps, **size)
     outcome = require_script_ran(first_info)
     script_s, script_its = steps_per_second(ui, args.repeat, True, args.steps, **size)
     script_memory = ui.memory_gib()
     eager_image, script_image = (ui.image(script, steps=args.steps, **size) for script in (False, True))
     difference = abs(eager_image.astype(int) - script_image.astype(int))
+    from image_quality import ssim  # numpy, like ui.image
     row = {"bench": "speed", "checkpoint": args.checkpoint, "controlnet": args.controlnet,
            "size": f"{size['width']}x{size['height']}",
            "steps": args.steps, "eager s": eager_s, "eager it/s": eager_its, "script s": script_s,
            "script it/s": script_its, "first script request s": first_s, "first request": outcome,
            "eager memory GiB": eager_memory, "memory after script GiB": script_memory,
-           "image difference mean": float(difference.mean()), "image difference max": int(difference.max())}
-    with_unit = f" + ControlNet {args.controlnet}" if args.controlnet else ""
+           "image difference mean": float(difference.mean()), "image difference max": int(difference.max()),
+           "image SSIM": ssim(script_image, eager_image), "quantize": args.quantize}
+    with_unit = (f" + ControlNet {args.controlnet}" if args.controlnet else "") + (", quantized" if args.quantize else "")
     print(f"\n| {args.checkpoint}{with_unit} {row['size']}, {args.steps} steps Euler a, batch 1 | eager | script | ratio |")
     print("|---|---|---|---|")
     print(f"| end to end, s | {eager_s:.2f} | {script_s:.2f} | {eager_s / script_s:.2f}x |")
@@ -211,6 +217,7 @@ def speed(ui: WebUI, args) -> list[dict]:
         print(f"| {key}, GiB | {eager_memory[key]:.2f} | {script_memory[key]:.2f} (max of both) | |")
     print(f"| image vs eager's, same seed: mean / max abs difference of uint8 pixels | | "
           f"{row['image difference mean']:.2f} / {row['image difference max']} | |")
+    print(f"| image vs eager's, SSIM | | {row['image SSIM']:.4f} | |")
     return [row, controlnet_recompiles(ui, args)] if args.controlnet else [row]
 
 
@@ -279,7 +286,7 @@ def session(ui: WebUI, args) -> list[dict]:
 def first_image(ui: WebUI, args) -> list[dict]:
     ui.select(args.checkpoint)
     size = image_size(args)
-    seconds, infotext = ui.txt2img(True, [False, args.cache or "None"], steps=args.steps, **size)
+    seconds, infotext = ui.txt2img(True, [args.quantize, args.cache or "None"], steps=args.steps, **size)
     outcome = require_script_ran(infotext)
     print(f"\n| first image after start ({args.checkpoint}, {args.steps} steps) | s | OneDiff |\n|---|---|---|\n"
           f"| cache {args.cache or 'none'} | {seconds:.1f} | {outcome} |")
@@ -340,6 +347,8 @@ def main() -> None:
     parser.add_argument("--sizes-sd15", help="soak: three WIDTHxHEIGHT, the hires fix goes from the third to the first")
     parser.add_argument("--sizes-sdxl", help="soak: the same for SDXL")
     parser.add_argument("--controlnet", help="speed: with one unit of this ControlNet model (sd-webui-controlnet)")
+    parser.add_argument("--quantize", action="store_true", help="the script's requests with 'Model Quantization(int8) "
+                        "Speed Up' (the format is webui's setting, Settings > OneDiff)")
     args = parser.parse_args()
     started = None
     if args.start:
@@ -349,7 +358,7 @@ def main() -> None:
         started = webui_start.start_webui(args.start, {name for name in names if name})
         args.url = started.base_url
     try:
-        rows = run_bench(WebUI(args.url), args, started)
+        rows = run_bench(WebUI(args.url, [True] if args.quantize else None), args, started)
     finally:
         if started is not None:
             started.stop()

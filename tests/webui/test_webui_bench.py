@@ -25,6 +25,7 @@ def test_speed_and_switch_tables(sd15, tmp_path):
     assert "| it/s |" in out and "| end to end, s |" in out, out
     assert row["eager it/s"] > 0 and row["script it/s"] > 0
     assert row["image difference mean"] <= MEAN_LIMIT, row  # the same tolerance as the other webui tests
+    assert row["image SSIM"] > 0.99 and not row["quantize"], row
 
     out, rows = run_bench(sd15, tmp_path, "switch", "--checkpoint", "tiny-sd15-a", "--to", "tiny-sd15-b")
     assert "| switch tiny-sd15-a -> tiny-sd15-b |" in out, out

@@ -131,10 +131,7 @@ def main() -> None:
                ("layer_err_max", "{:.1e}"), ("eager_ms", "{:.2f}"), ("compiled_ms", "{:.2f}"),
                ("vs_fp16_compiled", "{:.2f}x"), ("err_vs_eager", "{:.1e}"), ("compile_s", "{:.1f}"),
                ("weights_gib", "{:.2f}"), ("weights_gib_no_masters", "{:.2f}"), ("peak_gib", "{:.2f}")]
-    print("| " + " | ".join(name for name, _ in columns) + " |")
-    print("|" + "---|" * len(columns))
-    for row in rows:
-        print("| " + " | ".join(fmt.format(row[name]) for name, fmt in columns) + " |")
+    print(ub.markdown_table(rows, columns))
     if args.json:
         args.json.write_text(json.dumps({"card": card, "torch": torch.__version__, "rows": rows}, indent=1))
 

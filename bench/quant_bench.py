@@ -57,19 +57,22 @@ def run_case(name: str, args, device: torch.device) -> list[dict]:
         eager_out = eager()
         eager_ms = ub.timed_ms(eager, device, args.repeat)
         candidates = q.candidate_layers(unet)
-        variants = [("unquantized", None, {})] + [(f, f, {}) for f in args.formats]
+        # (label, format, Inductor config patches, static fp8 input scales)
+        variants = [("unquantized", None, {}, False)] + [(f, f, {}, False) for f in args.formats]
         if "int8" in args.formats and args.int8_fused_mul:
-            variants.append(("int8 fused-mul", "int8", {"force_fuse_int_mm_with_mul": True}))
-        for label, format, inductor in variants:
-            chosen, errors = (), {}
+            variants.append(("int8 fused-mul", "int8", {"force_fuse_int_mm_with_mul": True}, False))
+        if "fp8" in args.formats and args.fp8_static:
+            variants.append(("fp8 static", "fp8", {}, True))
+        for label, format, inductor, static in variants:
+            chosen, errors, amax = (), {}, {}
             if format is not None:
                 reason = q.unsupported_reason(format, device)
                 if reason:
                     print(f"{name} {label}: {reason}")
                     continue
-                errors = q.measure_errors(candidates, format, eager)
+                errors = q.measure_errors(candidates, format, eager, amax)
                 chosen = q.choose_layers(errors, args.threshold or q.DEFAULT_THRESHOLDS[format])
-                q.apply(unet, q.Quantization(format, chosen))
+                q.apply(unet, q.Quantization(format, chosen, tuple(amax[n] for n in chosen) if static else None))
             compiled = CompiledUNet(unet, args.options)
 
             def run_compiled():
@@ -115,6 +118,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=30)
     parser.add_argument("--threshold", type=float, help="a layer's own error above which it stays fp16 (default: per format)")
     parser.add_argument("--int8-fused-mul", action="store_true", help="also int8 with Inductor's force_fuse_int_mm_with_mul")
+    parser.add_argument("--fp8-static", action="store_true", help="also fp8 with static per-tensor input scales")
     parser.add_argument("--option", type=ub.parse_option, action="append", default=[], metavar="NAME=VALUE")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
@@ -127,10 +131,7 @@ def main() -> None:
                ("layer_err_max", "{:.1e}"), ("eager_ms", "{:.2f}"), ("compiled_ms", "{:.2f}"),
                ("vs_fp16_compiled", "{:.2f}x"), ("err_vs_eager", "{:.1e}"), ("compile_s", "{:.1f}"),
                ("weights_gib", "{:.2f}"), ("weights_gib_no_masters", "{:.2f}"), ("peak_gib", "{:.2f}")]
-    print("| " + " | ".join(name for name, _ in columns) + " |")
-    print("|" + "---|" * len(columns))
-    for row in rows:
-        print("| " + " | ".join(fmt.format(row[name]) for name, fmt in columns) + " |")
+    print(ub.markdown_table(rows, columns))
     if args.json:
         args.json.write_text(json.dumps({"card": card, "torch": torch.__version__, "rows": rows}, indent=1))
 

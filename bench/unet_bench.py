@@ -157,6 +157,13 @@ def run_case(name: str, args: argparse.Namespace, device: torch.device) -> dict:
     return row
 
 
+def markdown_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
+    """``columns``: (key, format) pairs; one line per row."""
+    lines = ["| " + " | ".join(name for name, _ in columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(fmt.format(row[name]) for name, fmt in columns) + " |" for row in rows]
+    return "\n".join(lines)
+
+
 def compile_phase_seconds() -> dict[str, float]:
     """Seconds spent so far in each phase torch times (Dynamo tracing, AOTAutograd, Inductor lowering, code
     generation, cache lookups, Triton compiles and autotuning...)."""
@@ -263,10 +270,7 @@ def main() -> None:
                ("compiled_it_s", "{:.1f}"), ("compile_s", "{:.1f}"), ("weights_gib", "{:.2f}"), ("eager_peak_gib", "{:.2f}"),
                ("compiled_peak_gib", "{:.2f}"), ("extra_resident_gib", "{:.2f}"), ("err_compiled_vs_eager", "{:.1e}"),
                ("err_eager16_vs_fp32", "{:.1e}"), ("graphs", "{}"), ("options", "{}")]
-    print("| " + " | ".join(name for name, _ in columns) + " |")
-    print("|" + "---|" * len(columns))
-    for row in rows:
-        print("| " + " | ".join(fmt.format(row[name]) for name, fmt in columns) + " |")
+    print(markdown_table(rows, columns))
     disagreeing = [row["model"] for row in rows if not outputs_agree(row)]
     if disagreeing:
         raise SystemExit(f"compiled and eager outputs disagree for {', '.join(disagreeing)}")

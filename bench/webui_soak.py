@@ -6,7 +6,7 @@ checkpoint of the same architecture as refiner, and LoRA plus refiner; the seed 
 no failed request; the script compiled or reused its graph in every request (never an eager fallback); every
 ``--compare-every``-th request's image equals eager webui's for the same request; compiles happen only in requests
 that bring a shape (architecture, width, height) not seen before; GPU memory in use after the last round is within 10%
-of its level after the first. ``--stop-at`` (seconds since the epoch) ends the run early, between requests.
+of its level after the first (each request's row in the JSON also holds the memory after it). ``--stop-at`` (seconds since the epoch) ends the run early, between requests.
 """
 from __future__ import annotations
 
@@ -134,6 +134,7 @@ def soak(ui, args, started=None, compare=None, outcome_of=None) -> list[dict]:
                 row.update({"difference mean": mean, "difference max": largest})
                 compared += 1
                 unequal += not (mean <= args.mean_limit and largest <= args.max_limit)
+            row.update(memory(ui))  # after every request: which kind of request leaves memory behind
             round_rows.append(row)
         if not round_rows:
             break

@@ -150,7 +150,8 @@ class CompiledUNet(SharedModule):
         self._named_modules = list(unet.named_modules())
         self._swapped_classes = [*(self._attention.classes if self._attention else ()), *PLAIN_FORWARDS]
         self._value_recompile_allowed = True
-        self._witness: torch.nn.Module | None = None  # set by object.__setattr__, else it would join the shared _modules
+        self._witness: tuple[torch.nn.Module, float | None] | None = None
+        """A quantized layer and its static input maximum: ``quantization.is_stale`` on it shows a checkpoint load."""
         # Kept out of nn.Module's registry: the compiled callable is not a submodule of its own wrapper.
         object.__setattr__(self, "_compiled", torch.compile(unet, backend=self.backend, fullgraph=True, dynamic=False))
 
@@ -174,11 +175,13 @@ class CompiledUNet(SharedModule):
         """Rewrites, in place, the 8-bit copy of each quantized layer whose weight changed (a fused LoRA, a checkpoint
         loaded into the same module), and quantizes a module object bound for the first time; returns how many layers
         it wrote. Call it after changing weights in place between calls; cheap when nothing changed."""
-        if self.backend.quantization is None:
+        plan = self.backend.quantization
+        if plan is None:
             return 0
-        written = quantization.apply(self.eager, self.backend.quantization)
-        layers = self.backend.quantization.layers
-        object.__setattr__(self, "_witness", self.eager.get_submodule(layers[0]) if layers else None)
+        written = quantization.apply(self.eager, plan)
+        # A tuple, not the module itself: nn.Module would register a module attribute in the shared _modules.
+        largest = plan.input_amax[0] if plan.input_amax else None
+        self._witness = (self.eager.get_submodule(plan.layers[0]), largest) if plan.layers else None
         return written
 
     def restore_eager_layout(self) -> None:
@@ -255,7 +258,7 @@ class CompiledUNet(SharedModule):
                 self.run_eagerly(reason)
                 return
             self.requantize()
-        elif self._witness is not None and quantization.is_stale(self._witness):
+        elif self._witness is not None and quantization.is_stale(*self._witness):
             self.requantize()
 
     def _compile_ended(self) -> None:

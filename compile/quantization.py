@@ -11,8 +11,8 @@ How: each chosen layer gets two non-persistent buffers beside its weight, the 8-
 scale (``QUANTIZED_WEIGHT``, ``WEIGHT_SCALE``). The weight itself stays the master: webui loads checkpoints and fuses
 LoRAs into it, and ``quantize`` writes the 8-bit copy again *into the same buffers*, so compiled graphs and CUDA-graph
 recordings that read them need no recompile; ``apply`` rewrites only the layers whose weight changed since their copy
-was written (``weight_source``: the tensor, its address and its in-place version counter). ``quantized_linear`` is the forward the compiled UNet runs for such a
-layer: each row of the input is scaled by its own absolute maximum (computed on the fly: the compiler fuses it into
+was written (``weight_source``: the tensor, its address and its in-place version counter). ``quantized_linear`` is
+the forward the compiled UNet runs for such a layer: each row of the input is scaled by its own absolute maximum (computed on the fly: the compiler fuses it into
 the kernel that produced the input), then one 8-bit GEMM, then both scales and the bias in its epilogue.
 
 Formats: ``int8`` (``torch._int_mm``, int32 accumulation; CUDA compute capability 8.0 and newer, and the CPU) and
@@ -28,9 +28,14 @@ import torch.nn.functional as F
 
 QUANTIZED_WEIGHT = "onediff_quantized_weight"
 WEIGHT_SCALE = "onediff_weight_scale"
-BUFFERS = frozenset({QUANTIZED_WEIGHT, WEIGHT_SCALE})
+INPUT_SCALE = "onediff_input_scale"
+INPUT_MARGIN = 2.0
+"""Static input scales cover this multiple of the largest input value seen while calibrating (later steps, prompts
+and seeds reach further). fp8's exponent keeps small values' relative precision, so the margin costs little."""
+BUFFERS = frozenset({QUANTIZED_WEIGHT, WEIGHT_SCALE, INPUT_SCALE})
 QUANTIZED_FROM = "onediff_quantized_from"
-"""A quantized layer's attribute: ``weight_source`` of the weight its 8-bit copy was written from."""
+"""A quantized layer's attribute: what its 8-bit copy was written from, ``weight_source`` and the static input
+maximum (None: per-row input scales)."""
 FORMATS = ("int8", "fp8")
 MIN_CAPABILITY = {"int8": (8, 0), "fp8": (8, 9)}
 TRANSFORMER_BLOCKS = frozenset({"BasicTransformerBlock", "SpatialTransformer", "SpatialVideoTransformer"})
@@ -46,10 +51,17 @@ class Quantization:
 
     format: str
     layers: tuple[str, ...]
+    input_amax: tuple[float, ...] | None = None
+    """fp8 only: each layer's largest input value seen while calibrating, for a static input scale (``INPUT_MARGIN``):
+    the input's quantization is then elementwise, which the compiler fuses into the kernel that produces the input,
+    and the GEMM is cuBLAS's per-tensor fp8 GEMM writing the model's dtype with the bias in its epilogue. None: each
+    input row is scaled by its own maximum, computed on every call."""
 
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
             raise ValueError(f"quantization format must be one of {', '.join(FORMATS)}, not {self.format!r}")
+        if self.input_amax is not None and (self.format != "fp8" or len(self.input_amax) != len(self.layers)):
+            raise ValueError("static input scales are for fp8 and need one value per layer")
 
 
 def unsupported_reason(format: str, device: torch.device) -> str | None:
@@ -89,12 +101,12 @@ def candidate_layers(unet: torch.nn.Module) -> dict[str, torch.nn.Linear]:
     }
 
 
-def quantize_weight(weight: torch.Tensor, format: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric per-output-channel quantization: (8-bit weight [out, in], float32 scale [out])."""
+def quantize_weight(weight: torch.Tensor, format: str, per_tensor: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric quantization: (8-bit weight [out, in], float32 scale [out], or [] with ``per_tensor``)."""
     w = weight.detach().float()
     limit = _INT8_MAX if format == "int8" else _FP8_MAX
-    scale = w.abs().amax(dim=1).clamp(min=1e-12) / limit
-    scaled = w / scale[:, None]
+    scale = (w.abs().amax() if per_tensor else w.abs().amax(dim=1)).clamp(min=1e-12) / limit
+    scaled = w / (scale if per_tensor else scale[:, None])
     if format == "int8":
         return scaled.round().clamp(-_INT8_MAX, _INT8_MAX).to(torch.int8), scale
     return scaled.clamp(-_FP8_MAX, _FP8_MAX).to(torch.float8_e4m3fn), scale
@@ -112,11 +124,16 @@ def quantize_rows(x: torch.Tensor, format: str) -> tuple[torch.Tensor, torch.Ten
 
 
 def quantized_matmul(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
-                     out_dtype: torch.dtype) -> torch.Tensor:
-    """``x @ W.T + bias`` with ``W`` given 8-bit (``weight`` [out, in], ``weight_scale`` [out]) and ``x`` quantized
-    per row here; returns ``out_dtype``."""
+                     out_dtype: torch.dtype, input_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ W.T + bias`` with ``W`` given 8-bit (``weight`` [out, in], ``weight_scale`` [out] or []) and ``x``
+    quantized here, per row, or with the static ``input_scale`` (fp8); returns ``out_dtype``."""
     rows = x.reshape(-1, x.shape[-1])
     format = "int8" if weight.dtype == torch.int8 else "fp8"
+    if input_scale is not None:
+        quantized = (rows.float() / input_scale).clamp(-_FP8_MAX, _FP8_MAX).to(torch.float8_e4m3fn)
+        out = torch._scaled_mm(quantized, weight.t(), scale_a=input_scale, scale_b=weight_scale,
+                               bias=None if bias is None else bias.to(out_dtype), out_dtype=out_dtype)
+        return out.reshape(*x.shape[:-1], weight.shape[0])
     quantized, row_scale = quantize_rows(rows, format)
     if format == "int8":
         out = torch._int_mm(quantized, weight.t()).float() * row_scale * weight_scale
@@ -137,7 +154,7 @@ def is_quantized(layer: torch.nn.Module) -> bool:
 def quantized_linear(layer: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """The forward of a quantized layer: its output in the weight's own dtype (the model's precision)."""
     return quantized_matmul(x, layer._buffers[QUANTIZED_WEIGHT], layer._buffers[WEIGHT_SCALE], layer.bias,
-                            layer.weight.dtype)
+                            layer.weight.dtype, layer._buffers.get(INPUT_SCALE))
 
 
 def weight_source(weight: torch.Tensor) -> tuple:
@@ -146,33 +163,36 @@ def weight_source(weight: torch.Tensor) -> tuple:
     return id(weight), weight.data_ptr(), weight._version
 
 
-def is_stale(layer: torch.nn.Module) -> bool:
-    """Whether the layer's 8-bit copy is missing or was written from a weight that changed since."""
-    return not is_quantized(layer) or layer.__dict__.get(QUANTIZED_FROM) != weight_source(layer.weight)
+def is_stale(layer: torch.nn.Module, input_amax: float | None = None) -> bool:
+    """Whether the layer's 8-bit copy is missing, or was written from a weight that changed since or for another static
+    input maximum (``Quantization.input_amax``)."""
+    return not is_quantized(layer) or layer.__dict__.get(QUANTIZED_FROM) != (weight_source(layer.weight), input_amax)
 
 
-def quantize(layers: Iterable[torch.nn.Linear], format: str) -> int:
-    """Writes each layer's 8-bit weight from its weight; returns how many layers. A layer quantized before in the same
-    format is overwritten in place (same buffers, same addresses: graphs and CUDA-graph recordings stay valid)."""
+def quantize(layers: Iterable[torch.nn.Linear], format: str, input_amax: Iterable[float] | None = None) -> int:
+    """Writes each layer's 8-bit weight from its weight; returns how many layers. A layer quantized before the same way
+    is overwritten in place (same buffers, same addresses: graphs and CUDA-graph recordings stay valid).
+    ``input_amax``: one value per layer for static input scales (``Quantization.input_amax``)."""
+    layers = list(layers)
+    amax = list(input_amax) if input_amax is not None else [None] * len(layers)
     count = 0
     with torch.no_grad():
-        for layer in layers:
-            weight, scale = quantize_weight(layer.weight, format)
-            held = layer._buffers.get(QUANTIZED_WEIGHT)
-            if held is not None and held.dtype == weight.dtype and held.shape == weight.shape and held.device == weight.device:
-                held.copy_(weight)
-                layer._buffers[WEIGHT_SCALE].copy_(scale)
-            else:
-                layer.register_buffer(QUANTIZED_WEIGHT, weight, persistent=False)
-                layer.register_buffer(WEIGHT_SCALE, scale, persistent=False)
-            layer.__dict__[QUANTIZED_FROM] = weight_source(layer.weight)
+        for layer, largest in zip(layers, amax, strict=True):
+            weight, scale = quantize_weight(layer.weight, format, per_tensor=largest is not None)
+            wanted = {QUANTIZED_WEIGHT: weight, WEIGHT_SCALE: scale}
+            if largest is not None:
+                wanted[INPUT_SCALE] = torch.tensor(max(largest, 1e-6) * INPUT_MARGIN / _FP8_MAX, device=weight.device)
+            elif INPUT_SCALE in layer._buffers:
+                del layer._buffers[INPUT_SCALE]
+            for name, value in wanted.items():
+                held = layer._buffers.get(name)
+                if held is not None and (held.dtype, held.shape, held.device) == (value.dtype, value.shape, value.device):
+                    held.copy_(value)
+                else:
+                    layer.register_buffer(name, value, persistent=False)
+            layer.__dict__[QUANTIZED_FROM] = (weight_source(layer.weight), largest)
             count += 1
     return count
-
-
-def _drop(layer: torch.nn.Module) -> None:
-    del layer._buffers[QUANTIZED_WEIGHT], layer._buffers[WEIGHT_SCALE]
-    layer.__dict__.pop(QUANTIZED_FROM, None)
 
 
 def dequantize(unet: torch.nn.Module) -> int:
@@ -180,9 +200,15 @@ def dequantize(unet: torch.nn.Module) -> int:
     count = 0
     for module in unet.modules():
         if is_quantized(module):
-            _drop(module)
+            _drop_buffers(module)
             count += 1
     return count
+
+
+def _drop_buffers(layer: torch.nn.Module) -> None:
+    for name in (QUANTIZED_WEIGHT, WEIGHT_SCALE, INPUT_SCALE):
+        layer._buffers.pop(name, None)
+    layer.__dict__.pop(QUANTIZED_FROM, None)
 
 
 def apply(unet: torch.nn.Module, quantization: Quantization) -> int:
@@ -190,11 +216,13 @@ def apply(unet: torch.nn.Module, quantization: Quantization) -> int:
     each layer that has none or whose weight changed since (``is_stale``); returns how many copies it wrote. Cheap when
     nothing changed: call it whenever the weights may have (a generation starts, a LoRA was fused)."""
     named = dict(unet.named_modules())
-    wanted = set(quantization.layers)
+    wanted = dict(zip(quantization.layers, quantization.input_amax or [None] * len(quantization.layers)))
     for name, module in named.items():
         if is_quantized(module) and (name not in wanted or module._buffers[QUANTIZED_WEIGHT].dtype != _dtype(quantization.format)):
-            _drop(module)
-    return quantize((named[name] for name in quantization.layers if is_stale(named[name])), quantization.format)
+            _drop_buffers(module)
+    stale = {name: largest for name, largest in wanted.items() if is_stale(named[name], largest)}
+    return quantize((named[name] for name in stale), quantization.format,
+                    stale.values() if quantization.input_amax is not None else None)
 
 
 def _dtype(format: str) -> torch.dtype:
@@ -206,14 +234,18 @@ def relative_error(approx: torch.Tensor, exact: torch.Tensor) -> float:
     return ((approx.float() - exact).norm() / exact.norm().clamp(min=1e-12)).item()
 
 
-def measure_errors(layers: Mapping[str, torch.nn.Linear], format: str, run: Callable[[], object]) -> dict[str, float]:
+def measure_errors(layers: Mapping[str, torch.nn.Linear], format: str, run: Callable[[], object],
+                   input_amax: dict[str, float] | None = None) -> dict[str, float]:
     """Each layer's own sensitivity: while ``run()`` calls the model (eagerly, unquantized), every layer's output is
-    compared with what the quantized layer would give for the same input; the worst relative error over the calls."""
+    compared with what the quantized layer (per-row input scales) would give for the same input; the worst relative
+    error over the calls. ``input_amax``, if given, receives each layer's largest absolute input value."""
     errors = dict.fromkeys(layers, 0.0)
 
     def hook(name):
         def compare(layer, inputs, output):
             x = inputs[0]
+            if input_amax is not None:
+                input_amax[name] = max(input_amax.get(name, 0.0), x.detach().abs().amax().item())
             if x.reshape(-1, x.shape[-1]).shape[0] < MIN_ROWS:
                 errors[name] = float("inf")  # the 8-bit kernel cannot take it
                 return

@@ -7,7 +7,7 @@ from typing import Callable
 import torch
 import torch._dynamo
 
-from .engine import CompiledUNet
+from .engine import CompiledUNet, InductorBackend
 from .options import CompileOptions
 from .structure import structure_key
 
@@ -31,15 +31,21 @@ class CompiledUNets:
     ControlNet would otherwise drop and recompile everything on each change of architecture.
 
     An entry is a structure with its options: a quantized format (``CompileOptions.quantization``) is an entry of its
-    own, with its own graphs and its own choice of layers, beside the structure's unquantized one.
+    own, with its own graphs and its own choice of layers (kept by its backend), beside the structure's unquantized one.
+
+    A model webui has unloaded is let go at the next lookup: its wrapper would keep the module alive, and with it what
+    other code left on its layers besides the parameters, such as LoRA backups in GPU memory (SDXL: up to 4.1 GiB).
+    Its structure's compiled graphs stay.
     """
 
     def __init__(self, capacity: int = 6):
         self.capacity = capacity
-        self._entries: dict[tuple, CompiledUNet] = {}
+        self._backends: dict[tuple, InductorBackend] = {}
+        self._wrappers: dict[tuple, CompiledUNet] = {}
+        """The last wrapper of each structure, while webui still holds its module."""
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self._backends)
 
     def get(
         self,
@@ -50,23 +56,31 @@ class CompiledUNets:
         on_compile_start: Callable[[], None] | None = None,
         on_compile_end: Callable[[], None] | None = None,
     ) -> Lookup:
+        self._let_go_of_dropped_models()
         key = (structure_key(unet), options)
-        entry = self._entries.get(key)
-        if entry is not None and not recompile:
-            how = "reused" if entry.eager is unet else "rebound"
-            if how == "rebound":
-                entry = CompiledUNet(unet, options, backend=entry.backend)
+        backend, wrapper = self._backends.get(key), self._wrappers.get(key)
+        if backend is not None and not recompile:
+            how = "reused" if wrapper is not None and wrapper.eager is unet else "rebound"
+            entry = wrapper if how == "reused" else CompiledUNet(unet, options, backend=backend)
         else:
-            if key not in self._entries and len(self._entries) >= self.capacity:
+            if key not in self._backends and len(self._backends) >= self.capacity:
                 self.clear()
             how, entry = "new", CompiledUNet(unet, options)
-        self._entries[key] = entry
+        self._backends[key], self._wrappers[key] = entry.backend, entry
         entry.on_compile_start = on_compile_start
         entry.on_compile_end = on_compile_end
         entry.before_call = None
         entry.start_generation()
         return Lookup(entry, how)
 
+    def _let_go_of_dropped_models(self) -> None:
+        """Webui moves a model it unloads to the meta device."""
+        for key, wrapper in list(self._wrappers.items()):
+            first = next(wrapper.eager.parameters(), None)
+            if first is not None and first.is_meta:
+                del self._wrappers[key]
+
     def clear(self) -> None:
-        self._entries.clear()
+        self._backends.clear()
+        self._wrappers.clear()
         torch._dynamo.reset()

@@ -70,6 +70,23 @@ def test_apply_writes_stale_copies_in_place_and_dequantize_drops_them():
 
 
 @torch.no_grad()
+def test_static_fp8_input_scales_are_rewritten_when_they_change():
+    """``Quantization.input_amax`` (fp8 with static input scales, ``bench/quant_bench.py --fp8-static``): a copy written
+    for another input maximum, or for per-row scales, counts as stale like one of a changed weight."""
+    unet, _ = UNETS["sd15"](1)
+    key = structure_key(unet)
+    names = tuple(q.candidate_layers(unet))[:3]
+    assert q.apply(unet, q.Quantization("fp8", names, (1.0, 2.0, 3.0))) == 3
+    scale = unet.get_submodule(names[2])._buffers[q.INPUT_SCALE]
+    assert q.apply(unet, q.Quantization("fp8", names, (1.0, 2.0, 3.0))) == 0
+    assert q.apply(unet, q.Quantization("fp8", names, (1.0, 2.0, 4.0))) == 1
+    assert unet.get_submodule(names[2])._buffers[q.INPUT_SCALE] is scale, "rewritten in place"
+    assert structure_key(unet) == key
+    assert q.apply(unet, q.Quantization("fp8", names)) == 3
+    assert not any(q.INPUT_SCALE in unet.get_submodule(name)._buffers for name in names)
+
+
+@torch.no_grad()
 def test_measured_errors_choose_the_layers():
     unet, (args, kwargs) = UNETS["sd15"](1)
     candidates = q.candidate_layers(unet)

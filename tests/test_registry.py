@@ -70,3 +70,34 @@ def assert_switches_keep_nothing_old(registry, stats):
         assert [ref for ref in old_models if ref() is not None] == [], "an old model object is still alive"
         assert not [ref for ref in old_weights if not ref.expired()], "old weights are still alive"
     assert stats.graphs_compiled == 1
+
+
+@torch.no_grad()
+def test_a_model_webui_unloaded_is_let_go():
+    """Webui unloads a model by moving it to the meta device: the registry must not keep that module (and what other
+    code left on its layers, e.g. LoRA backups in GPU memory) alive until the structure comes back, and the graphs
+    must stay."""
+    registry = CompiledUNets()
+    args, kwargs = arch.sd_inputs(arch.SD15_TINY, tokens=7)
+    sd15 = arch.sd_unet(arch.SD15_TINY, seed=1)
+    lookup = registry.get(sd15, OPTIONS)
+    lookup.compiled(*args, **kwargs)
+    layer = next(m for m in sd15.modules() if isinstance(m, torch.nn.Linear))
+    layer.network_weights_backup = layer.weight.clone()  # as webui's Lora leaves it: a plain attribute
+    backup = StorageWeakRef(layer.network_weights_backup.untyped_storage())
+    stats = lookup.compiled.stats
+    del lookup, layer
+
+    sd15.to("meta")  # webui's send_model_to_trash
+    dropped = weakref.ref(sd15)
+    del sd15
+    registry.get(arch.sd_unet(arch.SD2_TINY), OPTIONS)  # the next generation, another architecture
+    gc.collect()
+    assert dropped() is None, "the registry keeps a model webui unloaded alive"
+    assert backup.expired(), "what was left on the unloaded model's layers is still alive"
+
+    again = arch.sd_unet(arch.SD15_TINY, seed=2)
+    lookup = registry.get(again, OPTIONS)
+    assert lookup.how == "rebound" and lookup.compiled.stats is stats
+    lookup.compiled(*args, **kwargs)
+    assert stats.graphs_compiled == 1, "the unloaded model's structure must keep its graphs"

@@ -9,9 +9,13 @@ the preprocessor is ``none``: the hint image is given.
 """
 from __future__ import annotations
 
+import re
+
 import pytest
 
+from sd_webui_onediff.bench.image_quality import ssim  # noqa: E402
 from sd_webui_onediff.bench.webui_bench import infotext_field as field  # noqa: E402
+from test_onediff_quantization import MIN_SSIM  # noqa: E402
 from test_onediff_script import infotext, init_image  # noqa: E402
 from test_webui_bench import run_bench  # noqa: E402
 from webui_harness import MEAN_LIMIT, assert_close, assert_differs, encode_image  # noqa: E402
@@ -50,10 +54,12 @@ def with_units(*units) -> dict:
     return {"alwayson_scripts": {"controlnet": {"args": list(units)}}}
 
 
-def generate(ui, scripted: bool, units=()):
+def generate(ui, scripted: bool, units=(), script_args=None):
     payload = with_units(*units) if units else {}
     if scripted:
         payload["script_name"] = SCRIPT
+        if script_args is not None:
+            payload["script_args"] = script_args
     images, data = ui.txt2img(**payload)  # with ControlNet, its detected maps follow the image
     image, text = images[0], infotext(data)
     if units:
@@ -109,6 +115,19 @@ def test_the_benchmark_measures_a_controlnet_unit_without_recompiles(ui, tmp_pat
     out, (row, variations) = run_bench(ui, tmp_path, "speed", "--checkpoint", "tiny-sd15-cn", "--controlnet", CONTROLNET)
     assert row["image difference mean"] <= MEAN_LIMIT, row
     assert variations["recompiles"] == 0 and "recompiles | | 0 |" in out, (variations, out)
+
+
+def test_a_controlnet_unit_on_the_quantized_unet(ui):
+    """"Model Quantization(int8) Speed Up" with a ControlNet unit: the residual pass, an entry of its own, chooses the
+    UNet's layers on its first call and compiles once; a varied unit reuses it. Images close to eager webui's with the
+    unit, by the quantization tests' SSIM (``test_onediff_quantization.py``)."""
+    for run, units in enumerate(([unit()], [unit(weight=0.5, guidance_start=0.3, guidance_end=0.8)])):
+        eager, _ = generate(ui, scripted=False, units=units)
+        image, done = generate(ui, scripted=True, units=units, script_args=[True])
+        outcome = r"compiled in [0-9.]+ s" if run == 0 else "reused"
+        assert re.fullmatch(rf"{outcome}, int8 \d+ layers", done), f"request {run + 1}: {done}"
+        score = ssim(image, eager)
+        assert score >= MIN_SSIM, f"request {run + 1}: SSIM {score:.4f} against eager with ControlNet"
 
 
 def test_sdxl_controlnet_unit_compiled_equal_to_eager_and_not_recompiled_when_varied(sdxl_ui):

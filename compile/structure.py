@@ -7,10 +7,10 @@ bookkeeping on its layers, which the graph's guards check where it reads them) a
 shape, dtype and device. Memory layout is left out on purpose: the engine itself turns convolution weights to
 channels-last, and a layout change is caught by the graph's own guards. Weight *values* are not part of it: the graph
 reads them from the parameter buffers on every call, so another checkpoint of the same architecture, copied into the
-same buffers, reuses the graph. Nor are the 8-bit copies of quantized layers (``compile/quantization.py``): which
-The format is part of the registry's key beside the structure (``CompileOptions.quantization``) and each entry chooses
-its layers once, so a quantized and an unquantized generation of one model use two entries, and quantizing never
-changes an entry's key.
+same buffers, reuses the graph. Nor are the 8-bit copies of quantized layers (``compile/quantization.py``): the
+format is part of the registry's key beside the structure (``CompileOptions.quantization``) and each entry chooses its
+layers once, so a quantized and an unquantized generation of one model use two entries, and quantizing never changes
+an entry's key.
 """
 from __future__ import annotations
 

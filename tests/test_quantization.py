@@ -220,3 +220,33 @@ def test_controlnets_residual_pass_quantizes_the_unets_layers():
     assert all(q.is_quantized(unet.get_submodule(name)) for name in layers)
     assert not [name for name in layers if name.endswith(("attn2.to_k", "attn2.to_v"))]
     assert 1e-3 < relative_error(out, unet(x, t, **kwargs)) < 0.05
+
+
+@torch.no_grad()
+def test_a_compiler_cache_saves_and_loads_the_quantized_graphs(tmp_path, monkeypatch):
+    """What ``Saved cache name`` writes holds the quantized graphs: after ``torch._dynamo.reset()`` and with an empty
+    Inductor cache dir, loading it makes the next compile of the same quantized UNet hit the cache for every graph."""
+    from torch._dynamo.utils import counters
+
+    from sd_webui_onediff.compile import cache_artifacts
+
+    cpu = torch.device("cpu")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "first"))
+    torch._dynamo.reset()
+    unet, (args, kwargs) = UNETS["sd15"](3)
+    first = CompiledUNets().get(unet, INT8).compiled
+    out = first(*args, **kwargs)
+    assert first.failure is None and first.backend.quantization.layers
+    cache_artifacts.save(tmp_path / "saved", "quantized", cpu)
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "second"))
+    torch._dynamo.reset()
+    counters.clear()
+    q.dequantize(unet)
+    assert cache_artifacts.load(tmp_path / "saved", "quantized", cpu)
+    second = CompiledUNets().get(unet, INT8).compiled
+    again = second(*args, **kwargs)
+    assert second.failure is None and second.stats.graphs_compiled == 1
+    assert counters["inductor"]["fxgraph_cache_hit"] > 0 and counters["inductor"]["fxgraph_cache_miss"] == 0, dict(
+        counters["inductor"])
+    assert torch.equal(again, out), "the same plan and weights from the cache must give the same output"

@@ -71,45 +71,26 @@ SUPPORTED_UNETS = {
     "sgm.modules.diffusionmodules.openaimodel.UNetModel",  # SDXL base, refiner, SSD-1B
 }
 
-shared.opts.add_option(
-    CACHE_DIR_OPTION,
-    shared.OptionInfo(
-        str(EXTENSION_ROOT / "compiler_caches"),
-        "Directory for compiler caches saved by 'Saved cache name'",
-        section=("onediff", "OneDiff"),
-    ),
+def add_setting(key: str, default, label: str, choices: list[str] | None = None, info: str | None = None) -> None:
+    """A setting in Settings > OneDiff; with ``choices``, a radio."""
+    option = shared.OptionInfo(default, label, *((gr.Radio, {"choices": choices}) if choices else ()),
+                               section=("onediff", "OneDiff"))
+    shared.opts.add_option(key, option.info(info) if info else option)
+
+
+add_setting(CACHE_DIR_OPTION, str(EXTENSION_ROOT / "compiler_caches"), "Directory for compiler caches saved by 'Saved cache name'")
+add_setting(
+    LORA_BACKUPS_OPTION, next(iter(LORA_BACKUP_PLACES)),
+    "Where LoRA keeps the original weights while it is fused into the compiled UNet", list(LORA_BACKUP_PLACES),
+    "GPU memory: the first LoRA after a checkpoint load takes milliseconds instead of seconds, and uses as much GPU "
+    "memory as the weights it changes (SDXL, a LoRA on every transformer layer: 4.1 GiB); "
+    "'if it has room' keeps a quarter of the card free",
 )
-
-
-shared.opts.add_option(
-    LORA_BACKUPS_OPTION,
-    shared.OptionInfo(
-        next(iter(LORA_BACKUP_PLACES)),
-        "Where LoRA keeps the original weights while it is fused into the compiled UNet",
-        gr.Radio,
-        {"choices": list(LORA_BACKUP_PLACES)},
-        section=("onediff", "OneDiff"),
-    ).info(
-        "GPU memory: the first LoRA after a checkpoint load takes milliseconds instead of seconds, and uses as much GPU "
-        "memory as the weights it changes (SDXL, a LoRA on every transformer layer: 4.1 GiB); "
-        "'if it has room' keeps a quarter of the card free"
-    ),
-)
-
-
-shared.opts.add_option(
-    QUANTIZATION_FORMAT_OPTION,
-    shared.OptionInfo(
-        "auto",
-        "Format of 'Model Quantization(int8) Speed Up'",
-        gr.Radio,
-        {"choices": list(QUANTIZATION_FORMATS)},
-        section=("onediff", "OneDiff"),
-    ).info(
-        "auto: fp8 on cards of compute capability 8.9 and newer (RTX 40xx, L4, H100), int8 on older cards and the CPU "
-        "(a provisional choice, not yet measured on each card); where the chosen format cannot run, the generation is "
-        "compiled without quantization and says why"
-    ),
+add_setting(
+    QUANTIZATION_FORMAT_OPTION, "auto", "Format of 'Model Quantization(int8) Speed Up'", list(QUANTIZATION_FORMATS),
+    "auto: fp8 on cards of compute capability 8.9 and newer (RTX 40xx, L4, H100), int8 on older cards and the CPU "
+    "(a provisional choice, not yet measured on each card); where the chosen format cannot run, the generation is "
+    "compiled without quantization and says why",
 )
 
 

@@ -158,6 +158,12 @@ def soak(ui, args, started=None, compare=None, outcome_of=None) -> list[dict]:
     return rows + rounds + [summary]
 
 
+def memory_steps(rows: list[dict], key: str | None, least: float = 0.1) -> list[tuple[dict, float]]:
+    """The requests after which the memory measure rose by ``least`` GiB or more since the request before."""
+    measured = [row for row in rows if key and key in row]
+    return [(row, row[key] - before[key]) for before, row in zip(measured, measured[1:]) if row[key] - before[key] >= least]
+
+
 def print_tables(rows: list[dict], rounds: list[dict], summary: dict, key: str | None) -> None:
     print("\n| round | requests | failed | compiles | s | " + " | ".join(k for k in rounds[0] if k.endswith("GiB"))
           + " |" if rounds else "\nno round completed")
@@ -173,6 +179,11 @@ def print_tables(rows: list[dict], rounds: list[dict], summary: dict, key: str |
     print("\n| request kind (those without a compile) | count | mean s |\n|---|---|---|")
     for kind, times in kinds.items():
         print(f"| {kind} | {len(times)} | {sum(times) / len(times):.2f} |")
+    grew = memory_steps(rows, key)
+    if grew:
+        print(f"\n| requests after which {key} grew by 0.1 GiB or more | GiB |\n|---|---|")
+        for row, step in grew:
+            print(f"| {row['request']}: {row['checkpoint']} {row['what']} | {step:+.2f} |")
     growth = summary["memory growth"]
     print(f"\n| soak check | value |\n|---|---|\n| requests (rounds) | {summary['requests']} ({summary['rounds']}) |\n"
           f"| failed requests | {summary['failed']} |\n| eager fallbacks | {summary['eager fallbacks']} |\n"

@@ -7,13 +7,14 @@ the residual blocks' embedding projections see one row per image and stay in the
 candidates, ``measure_errors`` runs real calls and ``choose_layers`` keeps out each layer whose own output moves too
 far when quantized.
 
-How: each chosen layer gets two non-persistent buffers beside its weight, the 8-bit weight and its per-output-channel
-scale (``QUANTIZED_WEIGHT``, ``WEIGHT_SCALE``). The weight itself stays the master: webui loads checkpoints and fuses
-LoRAs into it, and ``quantize`` writes the 8-bit copy again *into the same buffers*, so compiled graphs and CUDA-graph
-recordings that read them need no recompile; ``apply`` rewrites only the layers whose weight changed since their copy
-was written (``weight_source``: the tensor, its address and its in-place version counter). ``quantized_linear`` is
-the forward the compiled UNet runs for such a layer: each row of the input is scaled by its own absolute maximum (computed on the fly: the compiler fuses it into
-the kernel that produced the input), then one 8-bit GEMM, then both scales and the bias in its epilogue.
+How: each chosen layer gets non-persistent buffers beside its weight (``BUFFERS``): the 8-bit weight, its scale per
+output channel, and for static fp8 input scales (``Quantization.input_amax``) the input's scale. The weight itself
+stays the master: webui loads checkpoints and fuses LoRAs into it, and ``quantize`` writes the 8-bit copy again *into
+the same buffers*, so compiled graphs and CUDA-graph recordings that read them need no recompile; ``apply`` rewrites
+only the layers whose weight changed since their copy was written (``weight_source``: the tensor, its address and its
+in-place version counter). ``quantized_linear`` is the forward the compiled UNet runs for such a layer: each row of
+the input is scaled by its own absolute maximum (computed on the fly: the compiler fuses it into the kernel that
+produced the input), then one 8-bit GEMM, then both scales and the bias in its epilogue.
 
 Formats: ``int8`` (``torch._int_mm``, int32 accumulation; CUDA compute capability 8.0 and newer, and the CPU) and
 ``fp8`` (e4m3, ``torch._scaled_mm`` with row-wise scales; compute capability 8.9 and newer).
@@ -24,7 +25,6 @@ import dataclasses
 from typing import Callable, Iterable, Mapping
 
 import torch
-import torch.nn.functional as F
 
 QUANTIZED_WEIGHT = "onediff_quantized_weight"
 WEIGHT_SCALE = "onediff_weight_scale"
@@ -106,10 +106,7 @@ def quantize_weight(weight: torch.Tensor, format: str, per_tensor: bool = False)
     w = weight.detach().float()
     limit = _INT8_MAX if format == "int8" else _FP8_MAX
     scale = (w.abs().amax() if per_tensor else w.abs().amax(dim=1)).clamp(min=1e-12) / limit
-    scaled = w / (scale if per_tensor else scale[:, None])
-    if format == "int8":
-        return scaled.round().clamp(-_INT8_MAX, _INT8_MAX).to(torch.int8), scale
-    return scaled.clamp(-_FP8_MAX, _FP8_MAX).to(torch.float8_e4m3fn), scale
+    return _to_8bit(w / (scale if per_tensor else scale[:, None]), format), scale
 
 
 def quantize_rows(x: torch.Tensor, format: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -117,10 +114,14 @@ def quantize_rows(x: torch.Tensor, format: str) -> tuple[torch.Tensor, torch.Ten
     xf = x.float()
     limit = _INT8_MAX if format == "int8" else _FP8_MAX
     scale = xf.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / limit
-    scaled = xf / scale
+    return _to_8bit(xf / scale, format), scale
+
+
+def _to_8bit(scaled: torch.Tensor, format: str) -> torch.Tensor:
+    """Values already scaled to the format's range, rounded (int8) and saturated into it."""
     if format == "int8":
-        return scaled.round().clamp(-_INT8_MAX, _INT8_MAX).to(torch.int8), scale
-    return scaled.clamp(-_FP8_MAX, _FP8_MAX).to(torch.float8_e4m3fn), scale
+        return scaled.round().clamp(-_INT8_MAX, _INT8_MAX).to(torch.int8)
+    return scaled.clamp(-_FP8_MAX, _FP8_MAX).to(torch.float8_e4m3fn)
 
 
 def quantized_matmul(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
@@ -130,7 +131,7 @@ def quantized_matmul(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.
     rows = x.reshape(-1, x.shape[-1])
     format = "int8" if weight.dtype == torch.int8 else "fp8"
     if input_scale is not None:
-        quantized = (rows.float() / input_scale).clamp(-_FP8_MAX, _FP8_MAX).to(torch.float8_e4m3fn)
+        quantized = _to_8bit(rows.float() / input_scale, format)
         out = torch._scaled_mm(quantized, weight.t(), scale_a=input_scale, scale_b=weight_scale,
                                bias=None if bias is None else bias.to(out_dtype), out_dtype=out_dtype)
         return out.reshape(*x.shape[:-1], weight.shape[0])
@@ -206,7 +207,7 @@ def dequantize(unet: torch.nn.Module) -> int:
 
 
 def _drop_buffers(layer: torch.nn.Module) -> None:
-    for name in (QUANTIZED_WEIGHT, WEIGHT_SCALE, INPUT_SCALE):
+    for name in BUFFERS:
         layer._buffers.pop(name, None)
     layer.__dict__.pop(QUANTIZED_FROM, None)
 

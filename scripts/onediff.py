@@ -11,6 +11,7 @@ import importlib.util
 import os
 import sys
 import traceback
+import weakref
 from pathlib import Path
 
 import gradio as gr
@@ -407,8 +408,24 @@ def back_up(layers) -> None:
         on_gpu = fits_on_gpu(needed, *torch.cuda.mem_get_info(device))
     for (layer, attribute, _), copy in zip(backups, backup_copies(tensors, device, on_device=on_gpu)):
         setattr(layer, attribute, copy)
+        LAYERS_WITH_BACKUPS.add(layer)
     place = "GPU memory" if on_gpu else "page-locked CPU memory" if on_cuda else "CPU memory"
     print(f"OneDiff: backed up the original weights of {len(backups)} LoRA-patched tensors in {place}")
+
+
+LAYERS_WITH_BACKUPS: weakref.WeakSet = weakref.WeakSet()
+"""Layers holding backups ``back_up`` made, until webui drops their model (``release_dropped_backups``)."""
+
+
+def release_dropped_backups(_sd_model=None) -> None:
+    """Webui drops a model by moving it to the meta device, but reference cycles keep the object alive until Python's
+    cycle collector runs, and with it the backups on its layers: plain attributes, which ``to("meta")`` does not move
+    (GPU or page-locked memory, SDXL up to 4.1 GiB). Without this, every checkpoint switch after a LoRA would leave
+    them behind for minutes. Called when webui has loaded a model, after it dropped the last one."""
+    for layer in list(LAYERS_WITH_BACKUPS):
+        if layer.weight.is_meta:
+            layer.network_weights_backup = layer.network_bias_backup = None
+            LAYERS_WITH_BACKUPS.discard(layer)
 
 
 def restoring_without_waiting(networks):
@@ -459,3 +476,4 @@ def on_app_started(_demo, app):
 
 script_callbacks.on_app_started(on_app_started, name="onediff API request forms")
 script_callbacks.on_cfg_denoiser(bind_compiled_unet, name="onediff compiled UNet")
+script_callbacks.on_model_loaded(release_dropped_backups, name="onediff LoRA backups of dropped models")

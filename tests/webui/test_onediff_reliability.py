@@ -138,3 +138,23 @@ def test_a_failed_cache_save_keeps_the_images(ui):
     assert onediff(text) == "reused", text
     assert "OneDiff cache save: \"could not save the compiler cache (RuntimeError: injected fault at cache save)" in text, text
     assert_close(image, plain(ui), "failed cache save vs eager")
+
+
+# ----- long sessions --------------------------------------------------------------------------------------------------
+def test_a_dropped_model_keeps_no_lora_backups(ui):
+    """Webui drops a model by moving it to the meta device; reference cycles keep the object until Python's cycle
+    collector runs (stopped here, as if it had not run yet), and with it the LoRA backups the script put on its layers:
+    GPU memory on a GPU (SDXL: up to 4.1 GiB a checkpoint). They are released when webui has loaded the next model."""
+    image, text = scripted(ui, script_args=DEFAULT_ARGS, prompt=f"a photo of a cat {LORA}")
+    assert "OneDiff LoRA fuse" in text, text
+    assert ui.post("/onediff-faults/cycle-collector", json={"enabled": False}).json() == {"enabled": False}
+    try:
+        ui.select_checkpoint("tiny-sdxl")  # another config: a new model object, the SD1.5 one dropped
+        response = ui.get("/onediff-faults/dropped-unets")
+        assert response.status_code == 200, response.text
+        dropped = response.json()
+    finally:
+        ui.post("/onediff-faults/cycle-collector", json={"enabled": True})
+        ui.select_checkpoint("tiny-sd15-a")
+    assert dropped, "the dropped model was freed at once: this test shows nothing about its backups"
+    assert [entry["backup bytes"] for entry in dropped] == [0] * len(dropped), dropped

@@ -3,7 +3,12 @@
 ``POST /onediff-faults/inject {"stage": STAGE}`` arms one stage until ``{"stage": null}`` disarms it: errors like the
 ones a broken install, a full disk or a GPU out of memory raise there. webui itself is left as it is; the faults are
 raised from the extension's own functions and from torch.
+
+``POST /onediff-faults/cycle-collector {"enabled": false}`` stops Python's cycle collector (as if it had not run yet)
+and ``GET /onediff-faults/dropped-unets`` lists the UNets webui dropped (on the meta device) that are still in memory,
+with the bytes of LoRA backups on their layers.
 """
+import gc
 import sys
 
 import torch
@@ -63,6 +68,22 @@ def on_app_started(_demo, app):
             return {"error": f"unknown stage {stage!r}; one of {STAGES}"}
         inject(stage)
         return {"armed": stage}
+
+    @app.post("/onediff-faults/cycle-collector")
+    def cycle_collector_route(body: dict):
+        gc.enable() if body["enabled"] else gc.disable()
+        return {"enabled": gc.isenabled()}
+
+    @app.get("/onediff-faults/dropped-unets")
+    def dropped_unets_route():
+        return [{"class": type(unet).__qualname__, "backup bytes": backup_bytes(unet)} for unet in gc.get_objects()
+                if type(unet).__name__ == "UNetModel" and next(unet.parameters()).is_meta]  # type() first: proxies
+
+
+def backup_bytes(unet: torch.nn.Module) -> int:
+    backups = (getattr(layer, name, None) for layer in unet.modules()
+               for name in ("network_weights_backup", "network_bias_backup"))
+    return sum(t.numel() * t.element_size() for t in backups if isinstance(t, torch.Tensor))
 
 
 script_callbacks.on_app_started(on_app_started, name="onediff faults")

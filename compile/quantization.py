@@ -79,13 +79,25 @@ def unsupported_reason(format: str, device: torch.device) -> str | None:
     return None
 
 
-def auto_format(device: torch.device) -> str:
-    """The format "auto" picks: fp8 where the card runs it (compute capability 8.9 and newer: Ada, Hopper, Blackwell),
-    else int8 (the CPU too). Provisional: chosen from the hardware's 8-bit rates, not yet from measured speed and image
-    quality on each card (``bench/quant_bench.py``)."""
-    if device.type == "cuda" and torch.cuda.get_device_capability(device) >= MIN_CAPABILITY["fp8"]:
-        return "fp8"
-    return "int8"
+MEASURED_SLOWER = {
+    (9, 0): "8-bit measured slower than fp16 on Hopper cards (H200, torch 2.11: SDXL 1024 int8 0.82x, fp8 0.91x; "
+            "SD1.5 512 int8 0.93x the speed of the fp16 compiled UNet call)",
+}
+"""Compute capabilities where every 8-bit format ran slower than the fp16 compiled UNet (``bench/quant_bench.py``):
+"auto" does not quantize there."""
+
+
+def auto_format(device: torch.device) -> tuple[str | None, str | None]:
+    """The format "auto" picks, or (None, why) where it keeps the unquantized graph: what measured fastest on the
+    card's compute capability (``MEASURED_SLOWER``); on cards not measured yet, fp8 from compute capability 8.9 (Ada,
+    Blackwell), else int8 (Ampere, the CPU), by the cards' 8-bit rates."""
+    if device.type == "cuda":
+        capability = torch.cuda.get_device_capability(device)
+        if capability in MEASURED_SLOWER:
+            return None, MEASURED_SLOWER[capability]
+        if capability >= MIN_CAPABILITY["fp8"]:
+            return "fp8", None
+    return "int8", None
 
 
 def candidate_layers(unet: torch.nn.Module) -> dict[str, torch.nn.Linear]:

@@ -89,9 +89,9 @@ add_setting(
 )
 add_setting(
     QUANTIZATION_FORMAT_OPTION, "auto", "Format of 'Model Quantization(int8) Speed Up'", list(QUANTIZATION_FORMATS),
-    "auto: fp8 on cards of compute capability 8.9 and newer (RTX 40xx, L4, H100), int8 on older cards and the CPU "
-    "(a provisional choice, not yet measured on each card); where the chosen format cannot run, the generation is "
-    "compiled without quantization and says why",
+    "auto: what measured fastest on the card: no quantization on Hopper (H100, H200), where 8-bit ran slower than "
+    "fp16; on cards not measured yet fp8 from compute capability 8.9 (RTX 40xx, L4), int8 on older cards and the CPU. "
+    "Where the chosen format cannot run, the generation is compiled without quantization and says why",
 )
 
 
@@ -140,7 +140,11 @@ def quantization_format(p: StableDiffusionProcessing) -> tuple[str | None, str |
     """The format the checked quantization box runs in (None: none), and, where the chosen format cannot run on
     webui's device, the note for the infotext (the generation is compiled unquantized)."""
     setting = getattr(shared.opts, QUANTIZATION_FORMAT_OPTION, "auto")
-    format = quantization.auto_format(shared.device) if setting == "auto" else setting
+    format, kept = quantization.auto_format(shared.device) if setting == "auto" else (setting, None)
+    if format is None:
+        report(p, f"not quantized: 'auto' keeps the unquantized compiled UNet on this card: {kept}. Choose int8 or fp8 "
+                  "in Settings > OneDiff to quantize anyway")
+        return None, "not quantized: auto, 8-bit measured slower on this card"
     reason = quantization.unsupported_reason(format, shared.device)
     if reason is None:
         return format, None

@@ -102,8 +102,13 @@ def test_measured_errors_choose_the_layers():
     assert plan.layers, "random tiny weights quantize well"
 
 
-def test_formats():
-    assert q.auto_format(torch.device("cpu")) == "int8"
+def test_formats(monkeypatch):
+    assert q.auto_format(torch.device("cpu")) == ("int8", None)
+    for capability, format in [((8, 6), "int8"), ((8, 9), "fp8"), ((12, 0), "fp8"), ((9, 0), None)]:
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device, capability=capability: capability)
+        chosen, why = q.auto_format(torch.device("cuda", 0))
+        assert chosen == format and (why is None) == (format is not None), (capability, chosen, why)
+    assert "slower" in why, why
     assert q.unsupported_reason("int8", torch.device("cpu")) is None
     assert "compute capability 8.9" in q.unsupported_reason("fp8", torch.device("cpu"))
     with pytest.raises(ValueError, match="quantization"):

@@ -2,11 +2,17 @@
 
     python bench/quant_bench.py                             # SDXL 1024 and SD1.5 512, int8 and fp8, on the GPU
     python bench/quant_bench.py --tiny --device cpu --formats int8   # CPU smoke run
+    python bench/quant_bench.py --models sdxl --formats int8 fp8 --fp8-static --profile --repeat 20   # where time goes
 
 For each format: every candidate layer's own error is measured on the call's inputs (``measure_errors``), the layers
 within the threshold are quantized, and the compiled UNet runs them in 8 bits. Error: ||out - eager fp16|| / ||eager
 fp16|| over the UNet's output. Weights: GiB the UNet's weights take on the device with fp16 masters beside the 8-bit
 copies, and without them (the masters of quantized layers held elsewhere).
+
+``--profile``: after each variant's timing, ``--profile-calls`` compiled calls run under ``torch.profiler`` and one table
+prints at once: CUDA time per call by category of kernel (8-bit GEMMs, fp16/bf16 GEMMs, attention, convolutions,
+Inductor's Triton kernels, copies...; the rules are in ``bench/kernel_profile.py``) and the costliest kernels; at the end
+one line per variant puts the categories side by side. On the CPU the profile reads operators' CPU time (a smoke run).
 """
 from __future__ import annotations
 
@@ -21,6 +27,7 @@ import torch
 
 runpy.run_path(str(Path(__file__).with_name("bootstrap.py")))
 
+from sd_webui_onediff.bench import kernel_profile as kp  # noqa: E402
 from sd_webui_onediff.bench import unet_bench as ub  # noqa: E402
 from sd_webui_onediff.compile import CompiledUNet, CompileOptions  # noqa: E402
 from sd_webui_onediff.compile import quantization as q  # noqa: E402
@@ -99,6 +106,12 @@ def run_case(name: str, args, device: torch.device) -> list[dict]:
                 "peak_gib": ub.peak_gib(run_compiled, device),
             })
             print(json.dumps(rows[-1]), flush=True)  # a run cut short by a timeout still leaves its rows
+            if args.profile:
+                try:
+                    rows[-1]["profile"] = kp.profile_calls(run_compiled, device, args.profile_calls)
+                    print("\n" + kp.profile_table(rows[-1]["profile"], f"{rows[-1]['model']} {label}") + "\n", flush=True)
+                except Exception as error:  # a profiler failure costs the profile, not the other variants
+                    print(f"{name} {label}: profile failed: {type(error).__name__}: {error}", flush=True)
             q.dequantize(unet)
             del compiled
             if device.type == "cuda":
@@ -119,6 +132,9 @@ def main() -> None:
     parser.add_argument("--threshold", type=float, help="a layer's own error above which it stays fp16 (default: per format)")
     parser.add_argument("--int8-fused-mul", action="store_true", help="also int8 with Inductor's force_fuse_int_mm_with_mul")
     parser.add_argument("--fp8-static", action="store_true", help="also fp8 with static per-tensor input scales")
+    parser.add_argument("--profile", action="store_true",
+                        help="after each variant's timing, print where a compiled call's time goes, by kind of kernel")
+    parser.add_argument("--profile-calls", type=int, default=5, help="compiled calls profiled per variant (default 5)")
     parser.add_argument("--option", type=ub.parse_option, action="append", default=[], metavar="NAME=VALUE")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
@@ -132,6 +148,10 @@ def main() -> None:
                ("vs_fp16_compiled", "{:.2f}x"), ("err_vs_eager", "{:.1e}"), ("compile_s", "{:.1f}"),
                ("weights_gib", "{:.2f}"), ("weights_gib_no_masters", "{:.2f}"), ("peak_gib", "{:.2f}")]
     print(ub.markdown_table(rows, columns))
+    if args.profile:
+        clock = next((row["profile"]["clock"] for row in rows if row.get("profile")), "CUDA")
+        print(f"\n{clock} time per call by category of kernel, ms (bench/kernel_profile.py)")
+        print(kp.comparison_table(rows))
     if args.json:
         args.json.write_text(json.dumps({"card": card, "torch": torch.__version__, "rows": rows}, indent=1))
 

@@ -24,6 +24,7 @@ from torch.utils._pytree import tree_map_only
 runpy.run_path(str(Path(__file__).with_name("bootstrap.py")))
 
 from sd_webui_onediff.bench import architectures as arch  # noqa: E402
+from sd_webui_onediff.bench import kernel_profile  # noqa: E402
 from sd_webui_onediff.compile import CompiledUNet, CompileOptions  # noqa: E402
 from sd_webui_onediff.compile.attention import SdpaAttention  # noqa: E402
 
@@ -152,8 +153,8 @@ def run_case(name: str, args: argparse.Namespace, device: torch.device) -> dict:
             "options": describe_options(args.options),
         }
         if args.profile:
-            print(f"\n{name}: where a compiled call's GPU time goes ({args.repeat} calls profiled)")
-            print(kernel_profile(run_compiled, args.repeat))
+            summary = kernel_profile.profile_calls(run_compiled, device, args.repeat, top=10)
+            print("\n" + kernel_profile.profile_table(summary, f"{name}: where a compiled call's GPU time goes"))
     return row
 
 
@@ -202,45 +203,6 @@ def describe_options(options: CompileOptions) -> str:
     changed = [f"{field.name}={getattr(options, field.name)}" for field in dataclasses.fields(options)
                if getattr(options, field.name) != field.default]
     return " ".join(changed) or "defaults"
-
-
-KERNEL_KINDS = (  # (kind, substrings of CUDA kernel names), first match wins
-    ("attention", ("flash", "fmha", "attention", "sdpa")),
-    ("convolution", ("conv", "implicit", "winograd", "fprop", "dgrad")),  # cuDNN's are implicit GEMMs: before matmul
-    ("matmul", ("gemm", "xmma", "cutlass", "sm90", "nvjet", "matmul")),
-    ("fused elementwise / norm (Triton)", ("triton",)),
-)
-
-
-def kernel_profile(fn, calls: int) -> str:
-    """GPU time per kind of kernel over ``calls`` calls, the ten costliest kernels, and the five costliest of Inductor's
-    own (their names list the operations fused into them): the profile behind a speed."""
-    from torch.profiler import ProfilerActivity, profile
-
-    fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(calls):
-            fn()
-        torch.cuda.synchronize()
-    kernels = [event for event in prof.key_averages() if event.device_type == torch.autograd.DeviceType.CUDA]
-    total = sum(event.device_time_total for event in kernels) or 1.0
-    launches = sum(event.count for event in kernels) / calls
-    by_kind: dict[str, float] = {}
-    for event in kernels:
-        name = event.key.lower()
-        kind = next((kind for kind, marks in KERNEL_KINDS if any(mark in name for mark in marks)), "other")
-        by_kind[kind] = by_kind.get(kind, 0.0) + event.device_time_total
-    lines = [f"kernels: {total / calls / 1e3:.2f} ms of GPU time per call, {launches:.0f} kernels per call", "",
-             "| kind | ms per call | share |", "|---|---|---|"]
-    lines += [f"| {kind} | {us / calls / 1e3:.2f} | {us / total:.0%} |" for kind, us in sorted(by_kind.items(), key=lambda kv: -kv[1])]
-    by_time = sorted(kernels, key=lambda e: -e.device_time_total)
-    triton = [event for event in by_time if event.key.startswith("triton")]
-    for title, events in (("costliest kernels", by_time[:10]), ("costliest Inductor kernels", triton[:5])):
-        lines += ["", f"| {title} | calls per call | ms per call | share |", "|---|---|---|---|"]
-        lines += [f"| {e.key[:90]} | {e.count / calls:.0f} | {e.device_time_total / calls / 1e3:.2f} | {e.device_time_total / total:.0%} |"
-                  for e in events]
-    return "\n".join(lines)
 
 
 def main() -> None:

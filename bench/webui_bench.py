@@ -193,7 +193,7 @@ def speed(ui: WebUI, args) -> list[dict]:
     ui.txt2img(False, steps=4, **size)  # warm-up: cuDNN/cuBLAS choices, allocator
     eager_s, eager_its = steps_per_second(ui, args.repeat, False, args.steps, **size)
     eager_memory = ui.memory_gib()
-    first_s, first_info = ui.txt2img(True, [args.quantize, args.cache or "None", args.save_cache], steps=args.steps, **size)
+    first_s, first_info = ui.txt2img(True, [bool(args.quantize), args.cache or "None", args.save_cache], steps=args.steps, **size)
     outcome = require_script_ran(first_info)
     script_s, script_its = steps_per_second(ui, args.repeat, True, args.steps, **size)
     script_memory = ui.memory_gib()
@@ -207,7 +207,7 @@ def speed(ui: WebUI, args) -> list[dict]:
            "eager memory GiB": eager_memory, "memory after script GiB": script_memory,
            "image difference mean": float(difference.mean()), "image difference max": int(difference.max()),
            "image SSIM": ssim(script_image, eager_image), "quantize": args.quantize}
-    with_unit = (f" + ControlNet {args.controlnet}" if args.controlnet else "") + (", quantized" if args.quantize else "")
+    with_unit = (f" + ControlNet {args.controlnet}" if args.controlnet else "") + (f", quantized ({args.quantize})" if args.quantize else "")
     print(f"\n| {args.checkpoint}{with_unit} {row['size']}, {args.steps} steps Euler a, batch 1 | eager | script | ratio |")
     print("|---|---|---|---|")
     print(f"| end to end, s | {eager_s:.2f} | {script_s:.2f} | {eager_s / script_s:.2f}x |")
@@ -286,7 +286,7 @@ def session(ui: WebUI, args) -> list[dict]:
 def first_image(ui: WebUI, args) -> list[dict]:
     ui.select(args.checkpoint)
     size = image_size(args)
-    seconds, infotext = ui.txt2img(True, [args.quantize, args.cache or "None"], steps=args.steps, **size)
+    seconds, infotext = ui.txt2img(True, [bool(args.quantize), args.cache or "None"], steps=args.steps, **size)
     outcome = require_script_ran(infotext)
     print(f"\n| first image after start ({args.checkpoint}, {args.steps} steps) | s | OneDiff |\n|---|---|---|\n"
           f"| cache {args.cache or 'none'} | {seconds:.1f} | {outcome} |")
@@ -347,8 +347,9 @@ def main() -> None:
     parser.add_argument("--sizes-sd15", help="soak: three WIDTHxHEIGHT, the hires fix goes from the third to the first")
     parser.add_argument("--sizes-sdxl", help="soak: the same for SDXL")
     parser.add_argument("--controlnet", help="speed: with one unit of this ControlNet model (sd-webui-controlnet)")
-    parser.add_argument("--quantize", action="store_true", help="the script's requests with 'Model Quantization(int8) "
-                        "Speed Up' (the format is webui's setting, Settings > OneDiff)")
+    parser.add_argument("--quantize", nargs="?", const="auto", choices=["auto", "int8", "fp8"],
+                        help="the script's requests with 'Model Quantization(int8) Speed Up', in this format (webui's "
+                        "setting, Settings > OneDiff; 'auto' keeps the unquantized graph where 8-bit measured slower)")
     args = parser.parse_args()
     started = None
     if args.start:
@@ -358,7 +359,10 @@ def main() -> None:
         started = webui_start.start_webui(args.start, {name for name in names if name})
         args.url = started.base_url
     try:
-        rows = run_bench(WebUI(args.url, [True] if args.quantize else None), args, started)
+        ui = WebUI(args.url, [True] if args.quantize else None)
+        if args.quantize:
+            ui.post("/sdapi/v1/options", {"onediff_quantization_format": args.quantize})
+        rows = run_bench(ui, args, started)
     finally:
         if started is not None:
             started.stop()

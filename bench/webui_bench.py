@@ -26,7 +26,9 @@ Each prints a markdown table and appends its rows to ``--json``. Only the standa
 - ``first-image``: seconds of the first request after a webui start, with the script and a saved compiler cache.
 - ``soak``: ``--count`` mixed requests (two SD1.5 and two SDXL checkpoints, three sizes, hires fix, refiner, LoRA on
   and off) in one webui; failed requests, eager fallbacks, images against eager webui's, compiles against new shapes,
-  GPU memory round by round (``bench/webui_soak.py`` says what it checks).
+  GPU memory round by round (``bench/webui_soak.py`` says what it checks); with ``--start``, what holds the memory
+  after every request (the bench's memory probe); ``--eager``: the same requests without the script, for webui's own
+  memory curve.
 - ``speed --controlnet NAME``: every request with one sd-webui-controlnet unit of that model (preprocessor ``none``,
   a generated hint image), then 5 varied ControlNet requests with the script (weight, start/end, hint, control mode),
   whose infotexts count the recompiles (0 expected). Build random full-size ControlNets with
@@ -344,6 +346,8 @@ def main() -> None:
     parser.add_argument("--reserve", type=float, default=20, help="soak: seconds kept before --stop-at for the end")
     parser.add_argument("--compare-every", type=int, default=9, help="soak: compare every Nth image with eager's "
                         "(9: prime to a round's 28 requests, so the sample goes through every kind of request)")
+    parser.add_argument("--eager", action="store_true", help="soak: the same requests without the script (webui's own "
+                        "memory over them; the compile and compare checks are skipped)")
     parser.add_argument("--sizes-sd15", help="soak: three WIDTHxHEIGHT, the hires fix goes from the third to the first")
     parser.add_argument("--sizes-sdxl", help="soak: the same for SDXL")
     parser.add_argument("--controlnet", help="speed: with one unit of this ControlNet model (sd-webui-controlnet)")

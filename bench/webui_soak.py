@@ -7,6 +7,12 @@ no failed request; the script compiled or reused its graph in every request (nev
 ``--compare-every``-th request's image equals eager webui's for the same request; compiles happen only in requests
 that bring a shape (architecture, width, height) not seen before; GPU memory in use after the last round is within 10%
 of its level after the first (each request's row in the JSON also holds the memory after it). ``--stop-at`` (seconds since the epoch) ends the run early, between requests.
+
+Where webui has the bench's memory probe (``bench/memory_probe``, which ``bench/webui_start.py`` installs), each row
+also holds its answer after the request (``"probe"``: memory in CUDA-graph pools and elsewhere, CUDA-graph recordings,
+UNetModels alive and on meta), and the table of the requests after which memory grew splits each step by those.
+``--eager``: the same plan without the script, webui's own memory curve to compare with; the checks on eager
+fallbacks, compiles and images against eager's do not apply to it and are skipped.
 """
 from __future__ import annotations
 
@@ -80,6 +86,20 @@ def memory(ui) -> dict:
     return {"process RSS GiB": answer.get("ram", {}).get("used", 0) / gib}
 
 
+def probe(ui) -> dict | None:
+    """The memory probe's answer (bench/memory_probe), None where webui has none (a webui not started by
+    webui_start: its 404 turns the probe off for the rest of the soak)."""
+    import requests
+
+    if getattr(ui, "no_probe", False):
+        return None
+    response = requests.get(ui.url + "/onediff-bench/memory", timeout=120)
+    if response.status_code != 200:
+        ui.no_probe = True
+        return None
+    return response.json()
+
+
 def compile_starts(started) -> int:
     """Compiles begun in the started webui so far (the script's console line); None for a webui given by --url."""
     return None if started is None else started.log_text().count("OneDiff: compiling the UNet")
@@ -113,8 +133,8 @@ def soak(ui, args, started=None, compare=None, outcome_of=None) -> list[dict]:
             seen |= request["shapes"]
             try:
                 ui.select(request["checkpoint"])
-                seconds, infotext = ui.txt2img(True, **request["payload"])
-                row.update(s=seconds, outcome=outcome_of(infotext))
+                seconds, infotext = ui.txt2img(not args.eager, **request["payload"])
+                row.update(s=seconds, outcome="eager (--eager)" if args.eager else outcome_of(infotext))
             except (SystemExit, Exception) as error:  # webui_bench raises SystemExit on an HTTP error
                 failed += 1
                 row.update(error=str(error)[:500])
@@ -122,19 +142,22 @@ def soak(ui, args, started=None, compare=None, outcome_of=None) -> list[dict]:
                 print(f"request {number} ({request['checkpoint']}, {request['what']}) FAILED: {str(error)[:300]}",
                       flush=True)
                 continue
-            if row["outcome"].startswith(("eager", "not used", "not in")):
+            if not args.eager and row["outcome"].startswith(("eager", "not used", "not in")):
                 fallbacks += 1
             after = compile_starts(started)
             row["compiles"] = (after - before) if after is not None else int("compiled" in row["outcome"])
             row["new shapes"] = len(new_shapes)
             if row["compiles"] > len(new_shapes):
                 compiles_on_seen += 1
-            if args.compare_every and number % args.compare_every == 0:
+            if args.compare_every and number % args.compare_every == 0 and not args.eager:
                 mean, largest = compare(request["payload"])
                 row.update({"difference mean": mean, "difference max": largest})
                 compared += 1
                 unequal += not (mean <= args.mean_limit and largest <= args.max_limit)
             row.update(memory(ui))  # after every request: which kind of request leaves memory behind
+            answer = probe(ui)  # and what holds it
+            if answer is not None:
+                row["probe"] = answer
             round_rows.append(row)
         if not round_rows:
             break
@@ -147,8 +170,8 @@ def soak(ui, args, started=None, compare=None, outcome_of=None) -> list[dict]:
     key = next(iter(k for k in rounds[0] if k.endswith("GiB")), None) if rounds else None
     memory_growth = (rounds[-1][key] / rounds[0][key] - 1) if key and rounds[0][key] else None
     on_gpu = key == "device used GiB"
-    summary = {"bench": "soak-summary", "requests": number, "rounds": len(rounds), "failed": failed,
-               "eager fallbacks": fallbacks, "compared": compared, "unequal images": unequal,
+    summary = {"bench": "soak-summary", "eager": bool(args.eager), "requests": number, "rounds": len(rounds),
+               "failed": failed, "eager fallbacks": fallbacks, "compared": compared, "unequal images": unequal,
                "compiles": sum(row.get("compiles", 0) for row in rows), "distinct shapes": len(seen),
                "compiles on seen shapes": compiles_on_seen, "memory measure": key, "memory growth": memory_growth,
                "seconds": time.perf_counter() - started_at, "stopped": stopped or "no"}
@@ -158,10 +181,35 @@ def soak(ui, args, started=None, compare=None, outcome_of=None) -> list[dict]:
     return rows + rounds + [summary]
 
 
-def memory_steps(rows: list[dict], key: str | None, least: float = 0.1) -> list[tuple[dict, float]]:
-    """The requests after which the memory measure rose by ``least`` GiB or more since the request before."""
+def memory_steps(rows: list[dict], key: str | None, least: float = 0.1) -> list[tuple[dict, dict]]:
+    """(request before, request) for the requests after which the memory measure, or torch's allocated memory, rose
+    by ``least`` GiB or more since the request before."""
     measured = [row for row in rows if key and key in row]
-    return [(row, row[key] - before[key]) for before, row in zip(measured, measured[1:]) if row[key] - before[key] >= least]
+    keys = [k for k in (key, "allocated GiB") if k]
+    return [(before, row) for before, row in zip(measured, measured[1:])
+            if any(row.get(k, 0) - before.get(k, 0) >= least for k in keys)]
+
+
+PROBE_COLUMNS = ["allocated GiB: CUDA-graph pools / elsewhere", "reserved GiB: CUDA-graph pools / elsewhere",
+                 "CUDA-graph recordings alive (change)", "tree managers", "UNetModels (on meta)"]
+
+
+def probe_change(before: dict, row: dict) -> list[str]:
+    """The growth table's PROBE_COLUMNS for one request (changes since the request before); n/a where the probe
+    gave nothing."""
+    old, new = before.get("probe") or {}, row.get("probe") or {}
+
+    def change(field):
+        return None if new.get(field) is None or old.get(field) is None else new[field] - old[field]
+
+    def split(kind):
+        total, graphs = change(f"{kind} GiB"), change(f"graph pools {kind} GiB")
+        return "n/a" if total is None or graphs is None else f"{graphs:+.2f} / {total - graphs:+.2f}"
+
+    recordings = change("recordings alive")
+    recordings = "n/a" if recordings is None else f"{new['recordings alive']} ({recordings:+d})"
+    unets = f"{new.get('UNets', 'n/a')} ({new.get('meta UNets', 'n/a')})"
+    return [split("allocated"), split("reserved"), recordings, f"{new.get('tree managers', 'n/a')}", unets]
 
 
 def print_tables(rows: list[dict], rounds: list[dict], summary: dict, key: str | None) -> None:
@@ -181,15 +229,25 @@ def print_tables(rows: list[dict], rounds: list[dict], summary: dict, key: str |
         print(f"| {kind} | {len(times)} | {sum(times) / len(times):.2f} |")
     grew = memory_steps(rows, key)
     if grew:
-        print(f"\n| requests after which {key} grew by 0.1 GiB or more | GiB |\n|---|---|")
-        for row, step in grew:
-            print(f"| {row['request']}: {row['checkpoint']} {row['what']} | {step:+.2f} |")
+        measures = [key] + [k for k in ("allocated GiB",) if k != key and all(k in row for pair in grew for row in pair)]
+        probed = any("probe" in row for _, row in grew)
+        columns = measures + (PROBE_COLUMNS if probed else [])
+        print(f"\n| requests after which {' or '.join(measures)} grew by 0.1 GiB or more | " + " | ".join(columns)
+              + " |\n" + "|---" * (1 + len(columns)) + "|")
+        for before, row in grew:
+            cells = [f"{row[k] - before[k]:+.2f}" for k in measures] + (probe_change(before, row) if probed else [])
+            print(f"| {row['request']}: {row['checkpoint']} {row['what']} | " + " | ".join(cells) + " |")
     growth = summary["memory growth"]
-    print(f"\n| soak check | value |\n|---|---|\n| requests (rounds) | {summary['requests']} ({summary['rounds']}) |\n"
-          f"| failed requests | {summary['failed']} |\n| eager fallbacks | {summary['eager fallbacks']} |\n"
-          f"| images compared with eager webui's / not equal | {summary['compared']} / {summary['unequal images']} |\n"
-          f"| compiles / distinct shapes / requests that compiled a seen shape | {summary['compiles']} / "
-          f"{summary['distinct shapes']} / {summary['compiles on seen shapes']} |\n"
+    skipped = "n/a (--eager)"
+    checks = ([skipped] * 3 if summary["eager"] else
+              [summary["eager fallbacks"], f"{summary['compared']} / {summary['unequal images']}",
+               f"{summary['compiles']} / {summary['distinct shapes']} / {summary['compiles on seen shapes']}"])
+    print(f"\n| soak check | value |\n|---|---|\n"
+          f"| requests made | {'eager webui, without the script (--eager)' if summary['eager'] else 'with the script'} |\n"
+          f"| requests (rounds) | {summary['requests']} ({summary['rounds']}) |\n"
+          f"| failed requests | {summary['failed']} |\n| eager fallbacks | {checks[0]} |\n"
+          f"| images compared with eager webui's / not equal | {checks[1]} |\n"
+          f"| compiles / distinct shapes / requests that compiled a seen shape | {checks[2]} |\n"
           f"| {key or 'memory'}: last round vs first | "
           f"{'n/a' if growth is None else f'{growth * 100:+.1f}%'}"
           f"{'' if key == 'device used GiB' else ' (not checked: no GPU)'} |\n"

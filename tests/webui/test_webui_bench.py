@@ -68,3 +68,26 @@ def test_soak_mixes_requests_and_checks_them(sd15, tmp_path):
     assert summary["failed"] == 0 and summary["eager fallbacks"] == 0 and summary["compared"] == 1, summary
     assert summary["unequal images"] == 0 and summary["compiles on seen shapes"] == 0, summary
     assert summary["ok"] and "| all checks | PASS |" in out, out
+    assert not any("probe" in row for row in requests), requests[0]  # this webui has no memory probe: left out
+
+
+def test_eager_soak_with_the_memory_probe(tmp_path):
+    """``--start tiny``: webui_start's webui has the bench's memory probe, and each row holds its answer (memory fields
+    null on the CPU, the UNetModels counted); ``--eager`` makes the requests without the script and skips the
+    compile and compare checks."""
+    rows_file = tmp_path / "rows.jsonl"
+    one_size = "64x64,64x64,64x64"
+    r = subprocess.run([sys.executable, str(BENCH), "--start", "tiny", "--json", str(rows_file), "soak", "--eager",
+                        "--count", "2", "--steps", "3", "--sizes-sd15", one_size, "--sizes-sdxl", one_size],
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, f"webui_bench failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+    rows = [json.loads(line) for line in rows_file.read_text().splitlines()]
+    requests, summary = [row for row in rows if row["bench"] == "soak"], rows[-1]
+    assert len(requests) == 2 and all(row["outcome"] == "eager (--eager)" for row in requests), requests
+    for row in requests:
+        probe = row["probe"]
+        assert probe["cuda"] is False and probe["allocated GiB"] is None and probe["graph pools allocated GiB"] is None
+        assert probe["UNets"] >= 1 and probe["meta UNets"] is not None and probe["tree managers"] == 0, probe
+    assert summary["eager"] and summary["ok"] and summary["compared"] == 0, summary
+    assert "| requests made | eager webui, without the script (--eager) |" in r.stdout, r.stdout
+    assert "| eager fallbacks | n/a (--eager) |" in r.stdout, r.stdout

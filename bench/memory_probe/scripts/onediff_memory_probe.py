@@ -1,0 +1,134 @@
+"""Bench-only webui extension (not part of the product): ``GET /onediff-bench/memory`` says what holds GPU memory.
+
+``bench/webui_start.py`` links it into the webui it starts; ``bench/webui_soak.py`` reads it after every request. In
+GiB: torch's allocated and reserved memory, each split into CUDA-graph private pools (every pool but the default
+``(0, 0)``, from ``torch.cuda.memory_snapshot()``'s segments) and the default pool; the CUDA-graph tree managers alive
+(found with ``gc``, so those of every thread: Inductor keeps one per thread and device) with their recordings alive
+(nodes of ``roots``/``children``), recordings and warm-ups made so far and re-recordings; the ``UNetModel``
+objects alive, and how many of them are on the meta device (webui moves a model it replaces there); the objects gc
+tracks and the seconds that pass over them took (most of the probe's 0.2 s in a tiny CPU webui). Nothing here
+collects garbage or frees memory. Each part is guarded: a torch internals change makes its fields null, never a failed
+request; without CUDA the memory fields are null.
+"""
+from __future__ import annotations
+
+import gc
+import itertools
+import re
+import sys
+import threading
+import time
+
+GIB = 1024 ** 3
+
+
+MEMORY_FIELDS = ("allocated GiB", "reserved GiB", "default pool allocated GiB", "default pool reserved GiB",
+                 "graph pools allocated GiB", "graph pools reserved GiB", "graph pools")
+
+
+def _memory() -> dict:
+    import torch
+
+    if not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return dict.fromkeys(MEMORY_FIELDS)
+    try:
+        segments = torch.cuda.memory_snapshot(include_traces=False)  # newer torch: skip the (unused) traces
+    except TypeError:
+        segments = torch.cuda.memory_snapshot()
+    sums = {"default": [0, 0], "graph": [0, 0]}
+    pools = set()
+    for segment in segments:
+        pool = tuple(segment["segment_pool_id"])
+        allocated = segment.get("allocated_size")
+        if allocated is None:
+            allocated = sum(block["size"] for block in segment["blocks"] if block["state"] == "active_allocated")
+        part = sums["default" if pool == (0, 0) else "graph"]
+        part[0] += allocated
+        part[1] += segment["total_size"]
+        if pool != (0, 0):
+            pools.add(pool)
+    return {"allocated GiB": torch.cuda.memory_allocated() / GIB, "reserved GiB": torch.cuda.memory_reserved() / GIB,
+            "default pool allocated GiB": sums["default"][0] / GIB, "default pool reserved GiB": sums["default"][1] / GIB,
+            "graph pools allocated GiB": sums["graph"][0] / GIB, "graph pools reserved GiB": sums["graph"][1] / GIB,
+            "graph pools": len(pools)}
+
+
+def _counter_next(counter: itertools.count) -> int:
+    """The value ``counter`` gives next, read from its repr (``count(5)``, ``count(-3, -1)``) without advancing it."""
+    return int(re.match(r"count\((-?\d+)", repr(counter)).group(1))
+
+
+def _value(part):
+    """``part()``, or None where torch's internals moved."""
+    try:
+        return part()
+    except Exception:
+        return None
+
+
+def _alive(manager) -> int:
+    """Recordings alive in one tree: its nodes (each a recorded CUDA graph; warm-up nodes are not kept in it)."""
+    count, nodes = 0, [node for nodes in (manager.roots or {}).values() for node in nodes]
+    while nodes:
+        node = nodes.pop()
+        count += 1
+        nodes.extend(child for children in node.children.values() for child in children)
+    return count
+
+
+def _graphs(managers: list | None) -> dict:
+    def total(per_manager):
+        return _value(lambda: sum(per_manager(manager) for manager in managers))
+
+    return {"tree managers": _value(lambda: len(managers)), "recordings alive": total(_alive),
+            "recordings made": total(lambda manager: _counter_next(manager.graph_counter)),
+            "warm-ups made": total(lambda manager: -1 - _counter_next(manager.warmup_node_counter)),  # -1, -2, ...
+            "re-recordings": total(lambda manager: sum(sum(counts.values()) for counts in manager.num_rerecord.values()))}
+
+
+def _on_meta(module) -> bool:
+    parameter = next(module.parameters(), None)
+    return parameter is not None and parameter.device.type == "meta"
+
+
+def _objects() -> tuple[list, list, int]:
+    """(CUDA-graph tree managers, UNetModel objects, count of all) among the objects gc tracks."""
+    trees = sys.modules.get("torch._inductor.cudagraph_trees")
+    manager_type = getattr(trees, "CUDAGraphTreeManager", None)
+    objects = gc.get_objects()
+    kinds = list(map(type, objects))  # C-level passes: a few times faster than a Python loop over ~1M objects
+    wanted = {kind for kind in set(kinds) if kind is manager_type or kind.__name__ == "UNetModel"}
+    found = list(itertools.compress(objects, map(wanted.__contains__, kinds)))
+    count = len(objects)
+    del objects, kinds
+    return ([thing for thing in found if type(thing) is manager_type],
+            [thing for thing in found if type(thing) is not manager_type], count)
+
+
+def memory_probe() -> dict:
+    started = time.perf_counter()
+    answer = {"cuda": None, **(_value(_memory) or dict.fromkeys(MEMORY_FIELDS))}
+    answer["cuda"] = answer["allocated GiB"] is not None
+    try:
+        gc_started = time.perf_counter()
+        managers, unets, count = _objects()
+        answer.update({"gc objects": count, "gc s": time.perf_counter() - gc_started})
+    except Exception:
+        managers = unets = None  # the fields below are then null
+    answer.update(_graphs(managers))
+    answer.update({"UNets": _value(lambda: len(unets)), "meta UNets": _value(lambda: sum(map(_on_meta, unets)))})
+    answer.update({"threads": threading.active_count(), "probe s": time.perf_counter() - started})
+    del managers, unets
+    return answer
+
+
+def _add_route(_demo, app) -> None:
+    app.add_api_route("/onediff-bench/memory", memory_probe, methods=["GET"])
+
+
+try:
+    from modules import script_callbacks
+
+    script_callbacks.on_app_started(_add_route)
+except ImportError:  # imported outside webui (python -c): the functions above still work
+    pass

@@ -4,7 +4,8 @@
 ones a broken install, a full disk or a GPU out of memory raise there. webui itself is left as it is; the faults are
 raised from the extension's own functions and from torch.
 
-``POST /onediff-faults/cycle-collector {"enabled": false}`` stops Python's cycle collector (as if it had not run yet)
+``POST /onediff-faults/cycle-collector {"enabled": false}`` collects garbage, then stops Python's cycle collector (as
+if it had not run since)
 and ``GET /onediff-faults/dropped-unets`` lists the UNets webui dropped (on the meta device) that are still in memory,
 with the bytes of LoRA backups on their layers.
 """
@@ -71,7 +72,11 @@ def on_app_started(_demo, app):
 
     @app.post("/onediff-faults/cycle-collector")
     def cycle_collector_route(body: dict):
-        gc.enable() if body["enabled"] else gc.disable()
+        if body["enabled"]:
+            gc.enable()
+        else:
+            gc.collect()
+            gc.disable()
         return {"enabled": gc.isenabled()}
 
     @app.get("/onediff-faults/dropped-unets")

@@ -61,6 +61,27 @@ def call_signature(args, kwargs) -> tuple:
     return described, str(structure), torch.is_grad_enabled(), torch.is_inference_mode_enabled(), autocast
 
 
+try:
+    from torch._inductor import cudagraph_trees as _cudagraph_trees
+
+    _SHARED_TREES = tuple(_cudagraph_trees.get_obj(_cudagraph_trees.local, name)
+                          for name in ("tree_manager_containers", "tree_manager_locks"))
+except Exception:  # noqa: BLE001 -- torch's internals moved: each thread keeps trees of its own, torch's default
+    _SHARED_TREES = None
+
+
+def one_set_of_cudagraph_trees() -> None:
+    """Makes the calling thread record and replay CUDA graphs in the trees of the thread that imported this module.
+
+    Inductor keeps CUDA-graph trees (the recordings and the private memory pool they allocate from) per thread and
+    device, and a compiled graph records into the trees of the thread that first runs it. Webui answers each request
+    in a worker thread of a pool, so one session's graphs would scatter over several trees, each with a pool the others
+    cannot reuse, and ``torch._dynamo.reset()`` would free only the calling thread's. Webui runs one generation at a
+    time, so one set of trees serves every thread, as torch itself shares them with its autograd threads."""
+    if _SHARED_TREES is not None and getattr(_cudagraph_trees.local, "tree_manager_containers", None) is not _SHARED_TREES[0]:
+        _cudagraph_trees.local.tree_manager_containers, _cudagraph_trees.local.tree_manager_locks = _SHARED_TREES
+
+
 def relay_convolutions(unet: torch.nn.Module, memory_format: torch.memory_format) -> None:
     """Re-lays every convolution weight in ``memory_format`` within its own storage: only the order of the elements
     changes, the address stays, so CUDA-graph recordings and LoRA backups keep pointing at the same memory and no
@@ -276,6 +297,7 @@ class CompiledUNet(SharedModule):
         with limits, attention, kernels, plain_layers(), regions.compiled_once(self._regions):
             self.backend.on_compile_start = self.on_compile_start
             if self.backend.cuda_graphs:
+                one_set_of_cudagraph_trees()
                 torch.compiler.cudagraph_mark_step_begin()
             return self._compiled(*args, **kwargs)
 

@@ -7,7 +7,7 @@ from typing import Callable
 import torch
 import torch._dynamo
 
-from .engine import CompiledUNet, InductorBackend
+from .engine import CompiledUNet, InductorBackend, one_set_of_cudagraph_trees
 from .options import CompileOptions
 from .structure import structure_key
 
@@ -83,4 +83,5 @@ class CompiledUNets:
     def clear(self) -> None:
         self._backends.clear()
         self._wrappers.clear()
+        one_set_of_cudagraph_trees()  # the reset frees the calling thread's CUDA-graph trees: make them everyone's
         torch._dynamo.reset()

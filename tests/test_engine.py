@@ -4,6 +4,8 @@ Tolerance: compiled vs eager relative L2 error ||compiled - eager|| / ||eager|| 
 reorders float additions and fuses kernels; observed ~1e-6). Each compile takes 30-60 s on 2 CPU cores, so every model
 is compiled once per module and the tests share it.
 """
+import threading
+
 import pytest
 import torch
 import torch._dynamo
@@ -275,3 +277,27 @@ def test_a_reason_quotes_one_short_line_of_the_error():
     assert error_summary(oom).startswith("OutOfMemoryError: CUDA out of memory. Tried to allocate 60.00 MiB.")
     assert len(error_summary(oom)) < 250 and error_summary(oom).endswith(" ...")
     assert error_summary(RuntimeError("one\ntwo")) == "RuntimeError: one" and error_summary(KeyError()) == "KeyError"
+
+
+def test_every_thread_records_cuda_graphs_in_one_set_of_trees():
+    """Webui answers each request in a worker thread of a pool, and Inductor keeps CUDA-graph trees (recordings and
+    their memory pool) per thread: the compiled UNet's calls use the trees of the thread that imported the engine."""
+    import sd_webui_onediff.compile.engine as engine
+    from torch._inductor import cudagraph_trees as trees
+
+    def trees_of_a_new_thread(shared: bool):
+        seen = []
+
+        def worker():
+            if shared:
+                engine.one_set_of_cudagraph_trees()
+            seen.append(trees.get_obj(trees.local, "tree_manager_containers"))
+
+        thread = threading.Thread(target=worker)
+        thread.start()
+        thread.join()
+        return seen[0]
+
+    imported_in = trees.get_obj(trees.local, "tree_manager_containers")
+    assert trees_of_a_new_thread(shared=False) is not imported_in, "torch shares them across threads: nothing to do"
+    assert trees_of_a_new_thread(shared=True) is imported_in

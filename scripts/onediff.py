@@ -425,7 +425,7 @@ def release_dropped_backups(_sd_model=None) -> None:
     """Webui drops a model by moving it to the meta device, but reference cycles keep the object alive until Python's
     cycle collector runs, and with it the backups on its layers: plain attributes, which ``to("meta")`` does not move
     (GPU or page-locked memory, SDXL up to 4.1 GiB). Without this, every checkpoint switch after a LoRA would leave
-    them behind for minutes. Called when webui has loaded a model, after it dropped the last one."""
+    them behind until then. Called when webui has loaded a model, after it dropped the last one."""
     for layer in list(LAYERS_WITH_BACKUPS):
         if layer.weight.is_meta:
             layer.network_weights_backup = layer.network_bias_backup = None

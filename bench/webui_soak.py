@@ -191,7 +191,8 @@ def memory_steps(rows: list[dict], key: str | None, least: float = 0.1) -> list[
 
 
 PROBE_COLUMNS = ["allocated GiB: CUDA-graph pools / elsewhere", "reserved GiB: CUDA-graph pools / elsewhere",
-                 "CUDA-graph recordings alive (change)", "tree managers", "UNetModels (on meta)"]
+                 "CUDA-graph recordings alive (change)", "CUDA-graph events in the request", "tree managers",
+                 "UNetModels (on meta)"]
 
 
 def probe_change(before: dict, row: dict) -> list[str]:
@@ -209,7 +210,9 @@ def probe_change(before: dict, row: dict) -> list[str]:
     recordings = change("recordings alive")
     recordings = "n/a" if recordings is None else f"{new['recordings alive']} ({recordings:+d})"
     unets = f"{new.get('UNets', 'n/a')} ({new.get('meta UNets', 'n/a')})"
-    return [split("allocated"), split("reserved"), recordings, f"{new.get('tree managers', 'n/a')}", unets]
+    events = new.get("graph events")
+    events = "n/a" if events is None else ", ".join(f"{kind} {count}" for kind, count in events.items()) or "none"
+    return [split("allocated"), split("reserved"), recordings, events, f"{new.get('tree managers', 'n/a')}", unets]
 
 
 def print_tables(rows: list[dict], rounds: list[dict], summary: dict, key: str | None) -> None:
@@ -237,6 +240,9 @@ def print_tables(rows: list[dict], rounds: list[dict], summary: dict, key: str |
         for before, row in grew:
             cells = [f"{row[k] - before[k]:+.2f}" for k in measures] + (probe_change(before, row) if probed else [])
             print(f"| {row['request']}: {row['checkpoint']} {row['what']} | " + " | ".join(cells) + " |")
+        reasons = [(row["request"], reason) for _, row in grew for reason in (row.get("probe") or {}).get("re-record reasons") or []]
+        for request, reason in reasons:
+            print(f"request {request}, CUDA graph recorded again: {reason}")
     growth = summary["memory growth"]
     skipped = "n/a (--eager)"
     checks = ([skipped] * 3 if summary["eager"] else

@@ -9,11 +9,17 @@ objects alive, and how many of them are on the meta device (webui moves a model 
 tracks and the seconds that pass over them took (most of the probe's 0.2 s in a tiny CPU webui). Nothing here
 collects garbage or frees memory. Each part is guarded: a torch internals change makes its fields null, never a failed
 request; without CUDA the memory fields are null.
+
+``graph events``: what the CUDA-graph trees did since the last probe, from the debug messages torch writes on its
+"cudagraphs" log (turned on here, kept off the console): graphs recorded, recorded again (with the first reasons
+torch gives, ``re-record reasons``), warm-up runs, and runs without a graph ("eager": a replay that did not happen).
 """
 from __future__ import annotations
 
+import collections
 import gc
 import itertools
+import logging
 import re
 import sys
 import threading
@@ -105,6 +111,45 @@ def _objects() -> tuple[list, list, int]:
             [thing for thing in found if type(thing) is not manager_type], count)
 
 
+class _GraphEvents(logging.Handler):
+    """Counts the CUDA-graph trees' debug messages by kind and keeps the first re-recording reasons, until taken."""
+
+    KINDS = {"[%s] Recording function": "recorded", "[%s] Re-recording function": "recorded again",
+             "[%s] Running warmup function": "warm-ups", "[%s] Running eager function": "eager"}
+
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.counts, self.reasons = collections.Counter(), []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        kind = next((kind for start, kind in self.KINDS.items() if str(record.msg).startswith(start)), None)
+        if kind is not None:
+            self.counts[kind] += 1
+        if kind == "recorded again" and len(self.reasons) < 3:  # formatting only these: Recording's lists the inputs
+            self.reasons.append(record.getMessage()[:400])
+
+    def take(self) -> dict:
+        taken = {"graph events": dict(self.counts), "re-record reasons": self.reasons}
+        self.counts, self.reasons = collections.Counter(), []
+        return taken
+
+
+def _listen() -> _GraphEvents | None:
+    try:
+        from torch._inductor import cudagraph_trees
+
+        handler = _GraphEvents()
+        cudagraph_trees.log.addHandler(handler)
+        cudagraph_trees.log.setLevel(logging.DEBUG)
+        cudagraph_trees.log.propagate = False
+        return handler
+    except Exception:
+        return None
+
+
+_EVENTS = _listen()
+
+
 def memory_probe() -> dict:
     started = time.perf_counter()
     answer = {"cuda": None, **(_value(_memory) or dict.fromkeys(MEMORY_FIELDS))}
@@ -117,6 +162,7 @@ def memory_probe() -> dict:
         managers = unets = None  # the fields below are then null
     answer.update(_graphs(managers))
     answer.update({"UNets": _value(lambda: len(unets)), "meta UNets": _value(lambda: sum(map(_on_meta, unets)))})
+    answer.update(_EVENTS.take() if _EVENTS is not None else {"graph events": None, "re-record reasons": None})
     answer.update({"threads": threading.active_count(), "probe s": time.perf_counter() - started})
     del managers, unets
     return answer

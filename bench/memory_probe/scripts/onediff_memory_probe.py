@@ -4,7 +4,7 @@
 GiB: torch's allocated and reserved memory, each split into CUDA-graph private pools (every pool but the default
 ``(0, 0)``, from ``torch.cuda.memory_snapshot()``'s segments) and the default pool; the CUDA-graph tree managers alive
 (found with ``gc``, so those of every thread: Inductor keeps one per thread and device) with their recordings alive
-(nodes of ``roots``/``children``), recordings and warm-ups made so far and re-recordings; the ``UNetModel``
+(nodes of ``roots``/``children``); the ``UNetModel``
 objects alive, and how many of them are on the meta device (webui moves a model it replaces there); the objects gc
 tracks and the seconds that pass over them took (most of the probe's 0.2 s in a tiny CPU webui). Nothing here
 collects garbage or frees memory. Each part is guarded: a torch internals change makes its fields null, never a failed
@@ -20,7 +20,6 @@ import collections
 import gc
 import itertools
 import logging
-import re
 import sys
 import threading
 import time
@@ -59,11 +58,6 @@ def _memory() -> dict:
             "graph pools": len(pools)}
 
 
-def _counter_next(counter: itertools.count) -> int:
-    """The value ``counter`` gives next, read from its repr (``count(5)``, ``count(-3, -1)``) without advancing it."""
-    return int(re.match(r"count\((-?\d+)", repr(counter)).group(1))
-
-
 def _value(part):
     """``part()``, or None where torch's internals moved."""
     try:
@@ -83,13 +77,9 @@ def _alive(manager) -> int:
 
 
 def _graphs(managers: list | None) -> dict:
-    def total(per_manager):
-        return _value(lambda: sum(per_manager(manager) for manager in managers))
-
-    return {"tree managers": _value(lambda: len(managers)), "recordings alive": total(_alive),
-            "recordings made": total(lambda manager: _counter_next(manager.graph_counter)),
-            "warm-ups made": total(lambda manager: -1 - _counter_next(manager.warmup_node_counter)),  # -1, -2, ...
-            "re-recordings": total(lambda manager: sum(sum(counts.values()) for counts in manager.num_rerecord.values()))}
+    # What was recorded, recorded again or warmed up: "graph events" (per request, with torch's reasons).
+    return {"tree managers": _value(lambda: len(managers)),
+            "recordings alive": _value(lambda: sum(_alive(manager) for manager in managers))}
 
 
 def _on_meta(module) -> bool:

@@ -5,9 +5,8 @@ ones a broken install, a full disk or a GPU out of memory raise there. webui its
 raised from the extension's own functions and from torch.
 
 ``POST /onediff-faults/cycle-collector {"enabled": false}`` collects garbage, then stops Python's cycle collector (as
-if it had not run since)
-and ``GET /onediff-faults/dropped-unets`` lists the UNets webui dropped (on the meta device) that are still in memory,
-with the bytes of LoRA backups on their layers.
+if it had not run since), and ``GET /onediff-faults/dropped-unets`` lists the UNets webui dropped (on the meta device)
+that are still in memory, with the bytes of LoRA backups on their layers.
 """
 import gc
 import sys

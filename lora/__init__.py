@@ -32,7 +32,10 @@ class FusedLoras:
         self._fused = fused
         self._fuse = fuse
         self._back_up = back_up
-        """``back_up(stale)``: make the backups ``fuse`` would make one layer at a time, for all stale layers at once."""
+        """``back_up(layers)``: make the backups ``fuse`` would make one layer at a time, at once for the stale layers a
+        wanted network touches. Not for the others: webui's own Lora, in an eager generation with a LoRA, backs up every
+        layer it patches, touched or not (pageable host memory); ``back_up`` moves such backups to faster memory, which
+        for untouched layers (SDXL 0.67 GiB, SD1.5 1.15 GiB) buys nothing: they are restored once and left as they are."""
         self._synced: Hashable | None = None
         self._witness: torch.nn.Module | None = None
         """A layer the last sync fused: webui's Lora resets every layer's fused set when weights are loaded into it
@@ -56,7 +59,9 @@ class FusedLoras:
         if stale:
             started = time.perf_counter()
             with torch.no_grad():
-                self._back_up(stale)
+                to_back_up = [layer for layer in stale if touches(layer)]
+                if to_back_up:
+                    self._back_up(to_back_up)
                 for layer in stale:
                     self._fuse(layer)
             if any(p.is_cuda for p in stale[0].parameters()):

@@ -73,6 +73,21 @@ def test_layers_no_wanted_network_touches_are_not_backed_up():
     assert fused_into == [touched, touched], "a layer holding a network is restored even when none touches it now"
 
 
+def test_layers_webui_fused_but_no_network_touches_keep_their_backups_where_they_are():
+    """Webui's eager LoRA marks and backs up every layer it patches; a compiled generation after it restores the
+    untouched ones from those backups, without moving them (the soak's GPU memory grew by them)."""
+    touched, untouched = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+    for layer in (touched, untouched):
+        layer.fused_set = ("eager A",)
+    backed_up, fused_into = [], []
+    fused = FusedLoras([touched, untouched], fused=lambda l: getattr(l, "fused_set", ()),
+                       fuse=lambda l: (fused_into.append(l), setattr(l, "fused_set", ("B",))),
+                       back_up=lambda layers: backed_up.extend(layers))
+    fused.sync(("B",), touches=lambda layer: layer is touched)
+    assert fused_into == [touched, untouched], "both held another set: both are restored and fused"
+    assert backed_up == [touched]
+
+
 def test_backups_go_to_the_gpu_only_with_room_to_spare():
     gib = 1 << 30
     assert fits_on_gpu(5 * gib, free_bytes=70 * gib, total_bytes=80 * gib)  # H100, SDXL

@@ -4,11 +4,12 @@
     python bench/fault_bench.py switches   # GPU memory over many same-architecture switches
     python bench/fault_bench.py oom --model sd15 --tiny --device cpu   # runs the code path on the CPU (no OOM there)
 
-``oom``: for each memory cap, a fresh ``CompiledUNet`` makes its first three calls (compile and warm-up, CUDA-graph
-recording, replay) under ``torch.cuda.set_per_process_memory_fraction`` (the weights, plus the eager call's peak
-activations times the cap's factor; eager runs with SDPA attention, as webui with ``--opt-sdp-attention``). Each row
-must show either compiled calls equal to eager within fp16 noise, or an eager result equal to eager bit for bit with
-the reason (``compile failed`` or ``runtime error``); an "eager OOM" row is a cap where eager webui itself would fail.
+``oom``: for each memory cap (``torch.cuda.set_per_process_memory_fraction``: the weights, plus the eager call's peak
+activations times the cap's factor), eager webui alone makes one call, then the script's wrapper from a fresh
+registry makes its first three (compile and warm-up, CUDA-graph recording, replay). Attention is SDPA in both, as
+webui's "sdp" optimization, installed like webui's at class level so that an eager fallback uses it too. Where eager
+alone makes an image, the script must too: compiled, equal to eager within fp16 noise, or eager (error 0) with its
+reason; "out of memory: lost" is the failure this bench exists to catch.
 
 ``switches``: the same architecture again and again, alternately the same model with its weights moved to the CPU and
 back (new addresses, as webui's checkpoint switch does) and a new model object, each followed by compiled calls:
@@ -27,8 +28,10 @@ import torch._dynamo
 
 runpy.run_path(str(Path(__file__).with_name("bootstrap.py")))
 
-from sd_webui_onediff.compile import CompiledUNet, CompileOptions  # noqa: E402
-from sd_webui_onediff.compile.attention import SdpaAttention  # noqa: E402
+from sd_webui_onediff.compile import CompileOptions  # noqa: E402
+from sd_webui_onediff.compile.attention import SdpaAttention, sdpa_forward  # noqa: E402
+from sd_webui_onediff.compile.engine import first_line  # noqa: E402
+from sd_webui_onediff.compile.patching import patched  # noqa: E402
 from sd_webui_onediff.compile.registry import CompiledUNets  # noqa: E402
 from sd_webui_onediff.bench.unet_bench import CASES, fp16_autocast, on_device, peak_gib, relative_error, timed_ms  # noqa: E402
 
@@ -42,13 +45,20 @@ def model(args, device: torch.device, seed: int = 0):
     return unet, inputs, kwargs
 
 
+def webui_sdp_forward(self, x, context=None, mask=None, **_unused):
+    """Stands in for webui's "sdp" cross-attention optimization: a class-level forward, so that the eager calls a
+    ``CompiledUNet`` falls back to use it too, as in webui."""
+    return sdpa_forward(self, x, context, mask, upcast=False)
+
+
 def oom(args, device: torch.device) -> None:
     unet, inputs, kwargs = model(args, device)
     autocast = fp16_autocast(device)
-    sdp = SdpaAttention(unet, upcast=False)
-    with torch.no_grad():
+    registry = CompiledUNets()
+    classes = SdpaAttention(unet, upcast=False).classes
+    with torch.no_grad(), patched((cls, "forward", webui_sdp_forward) for cls in classes):
         def eager():
-            with autocast, sdp.installed():
+            with autocast:
                 return unet(*inputs, **kwargs)
 
         expected = eager()
@@ -56,32 +66,36 @@ def oom(args, device: torch.device) -> None:
         activations = peak_gib(eager, device) - weights if device.type == "cuda" else 0.0
         total = torch.cuda.get_device_properties(device).total_memory / 2**30 if device.type == "cuda" else 0.0
         print(f"{args.model}: weights {weights:.2f} GiB, eager activations {activations:.2f} GiB, card {total:.0f} GiB")
-        print("| cap (x eager activations) | cap GiB | outcome | error vs eager | reason |")
-        print("|---|---|---|---|---|")
+        print("| cap (x eager activations) | cap GiB | eager webui alone | with the script | error vs eager | reason |")
+        print("|---|---|---|---|---|---|")
         for factor in args.factors:
-            torch._dynamo.reset()
+            registry.release_memory()  # no graph or cached block of the cap before
             cap = weights + factor * activations
             if device.type == "cuda":
-                torch.cuda.empty_cache()
                 torch.cuda.set_per_process_memory_fraction(min(1.0, cap / total), device)
-            compiled = CompiledUNet(unet, CompileOptions())
             try:
+                eager()
+                alone = "image"
+            except torch.OutOfMemoryError:
+                alone = "out of memory"
+            registry.release_memory()
+            compiled, error, reason = None, "", ""
+            try:
+                compiled = registry.get(unet, CompileOptions()).compiled
+                compiled.expected_class_forwards = frozenset({webui_sdp_forward.__module__})
                 with autocast:
                     for _ in range(3):  # compile and warm up, record the CUDA graphs, replay them
                         out = compiled(*inputs, **kwargs)
-            except torch.OutOfMemoryError:
-                print(f"| {factor} | {cap:.2f} | eager OOM (eager webui fails here too) | | |")
-                continue
+                outcome = "compiled image" if compiled.failure is None else "eager image"
+                error = f"{relative_error(out, expected):.1e}"
+                reason = compiled.failure or ""
+            except torch.OutOfMemoryError as raised:
+                outcome = "out of memory: lost" if alone == "image" else "out of memory, as eager alone"
+                reason = first_line(raised)[:120]
             finally:
-                compiled.restore_eager_layout()
-            if compiled.failure is None:
-                outcome, error = "compiled", f"{relative_error(out, expected):.1e}"
-            else:  # the fallback runs the module's own attention: webui's optimization is not installed here
-                with autocast:
-                    fallback_expected = unet(*inputs, **kwargs)
-                equal = torch.equal(out, fallback_expected)
-                outcome, error = "eager", "0 (bit-equal)" if equal else f"{relative_error(out, fallback_expected):.1e}"
-            print(f"| {factor} | {cap:.2f} | {outcome} | {error} | {compiled.failure or ''} |")
+                if compiled is not None:
+                    compiled.restore_eager_layout()
+            print(f"| {factor} | {cap:.2f} | {alone} | {outcome} | {error} | {reason} |", flush=True)
         if device.type == "cuda":
             torch.cuda.set_per_process_memory_fraction(1.0, device)
 

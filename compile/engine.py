@@ -92,7 +92,10 @@ def relay_convolutions(unet: torch.nn.Module, memory_format: torch.memory_format
             if not isinstance(module, torch.nn.Conv2d) or module.weight.is_contiguous(memory_format=memory_format):
                 continue
             if module.weight.is_contiguous() or module.weight.is_contiguous(memory_format=torch.channels_last):
-                relaid = module.weight.contiguous(memory_format=memory_format)
+                try:
+                    relaid = module.weight.contiguous(memory_format=memory_format)
+                except torch.OutOfMemoryError:  # no room on the GPU for one layer's copy: make it in host memory
+                    relaid = module.weight.cpu().contiguous(memory_format=memory_format)
                 module.weight.data = module.weight.data.as_strided(relaid.shape, relaid.stride())
                 module.weight.copy_(relaid)
 
@@ -161,6 +164,10 @@ class CompiledUNet(SharedModule):
         up to date."""
         self.before_call: Callable[[], None] | None = None
         """Called at the start of every call, e.g. to fuse weights that must be in place before the graph reads them."""
+        self.on_out_of_memory: Callable[[], None] | None = None
+        """Called when a compiled call ran out of GPU memory, before the call is made again eagerly: it must free what
+        compiled graphs hold (CUDA-graph pools, which eager calls cannot allocate from), or the eager call runs out of
+        memory too where eager webui alone would fit (``CompiledUNets.release_memory``)."""
         self.expected_class_forwards: frozenset[str] = frozenset()
         """Modules whose class-level forwards on the attention and layer classes this engine swaps during compiled calls
         the swap stands for (webui's attention optimizations, its Lora); any other makes the call eager
@@ -234,16 +241,19 @@ class CompiledUNet(SharedModule):
         signature = call_signature(args, kwargs)
         compiled_before = signature in self.stats.call_signatures and not self._value_recompile_allowed
         self._value_recompile_allowed = False
-        started, reason = time.perf_counter(), None
+        started, reason, out_of_memory = time.perf_counter(), None, False
         try:
             out = self._call_compiled(args, kwargs, compiled_before=compiled_before)
         except Exception as error:  # noqa: BLE001 -- the call is made again eagerly, which raises what eager raises
             # Dynamo wraps what fails while tracing or inside the backend; anything else came from running a graph
             # (CUDA out of memory in the first replay or a CUDA-graph recording).
             reason = describe_failure(error, type(self.eager), compiling=isinstance(error, DYNAMO_ERRORS))
+            out_of_memory = isinstance(getattr(error, "inner_exception", error), torch.OutOfMemoryError)
         if reason is not None:  # after the except block: the error's frames, and the memory they hold, are gone
             log.error("OneDiff: running the UNet eagerly: %s", reason)
             self.run_eagerly(reason)
+            if out_of_memory and self.on_out_of_memory is not None:
+                self.on_out_of_memory()
             return self.eager(*args, **kwargs)
         self.stats.call_signatures.add(signature)
         if self.stats.graphs_compiled != graphs_before:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import gc
 from typing import Callable
 
 import torch
@@ -70,6 +71,7 @@ class CompiledUNets:
         entry.on_compile_start = on_compile_start
         entry.on_compile_end = on_compile_end
         entry.before_call = None
+        entry.on_out_of_memory = self.release_memory
         entry.start_generation()
         return Lookup(entry, how)
 
@@ -81,7 +83,18 @@ class CompiledUNets:
                 del self._wrappers[key]
 
     def clear(self) -> None:
+        """Drops every compiled graph; wrappers still in use compile again on their next call (Dynamo refuses only
+        recompiles, and no graph is left to recompile)."""
         self._backends.clear()
         self._wrappers.clear()
         one_set_of_cudagraph_trees()  # the reset frees the calling thread's CUDA-graph trees: make them everyone's
         torch._dynamo.reset()
+
+    def release_memory(self) -> None:
+        """After CUDA ran out of memory in a compiled call: drops every graph and gives the CUDA-graph pools and the
+        allocator's cached blocks back, so that the eager call that follows has the memory eager webui would have.
+        The next generation compiles again (mostly from Inductor's on-disk cache)."""
+        self.clear()
+        gc.collect()  # the failed call's tensors may sit in reference cycles with its frames
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()

@@ -12,6 +12,7 @@ import torch._dynamo
 from sd_webui_onediff.bench import architectures as arch
 from sd_webui_onediff.compile import CompiledUNet, CompileOptions
 from sd_webui_onediff.compile.attention import SdpaAttention
+from sd_webui_onediff.compile.engine import relay_convolutions
 
 TOLERANCE = 1e-4
 
@@ -234,16 +235,39 @@ def test_compile_failures_and_runtime_errors_are_told_apart(monkeypatch):
                           (first_run_fails, "runtime error in the compiled UNet (OutOfMemoryError: CUDA out of memory")):
         torch._dynamo.reset()
         monkeypatch.setattr(engine, "compile_fx", backend)
-        ended = []
+        ended, released = [], []
         compiled = CompiledUNet(unet, CompileOptions(), on_compile_end=lambda: ended.append(compiled.failure))
+        compiled.on_out_of_memory = lambda: released.append(compiled.failure)
         for _ in range(2):
             assert torch.equal(compiled(*args, **kwargs), expected)
         assert compiled.failure.startswith(kind), compiled.failure
         assert ended == [compiled.failure], "reported once, when it happened"
+        out_of_memory = backend is first_run_fails
+        assert released == ([compiled.failure] if out_of_memory else []), "memory is released once, after an OOM only"
     assert "out of GPU memory" in compiled.failure and "compile failed" not in compiled.failure
     compiled.start_generation()
     assert relative_error(compiled(*args, **kwargs), expected) < TOLERANCE
     assert compiled.failure is None and compiled.stats.graphs_compiled == 1, "the next generation runs compiled"
+
+
+@torch.no_grad()
+def test_convolutions_are_relaid_through_host_memory_when_the_gpu_has_no_room(monkeypatch):
+    unet = torch.nn.Sequential(torch.nn.Conv2d(4, 8, 3), torch.nn.Conv2d(8, 8, 3))
+    weights = [(m.weight.data_ptr(), m.weight.clone()) for m in unet]
+    contiguous = torch.Tensor.contiguous
+    refused = []
+
+    def refuse_once(tensor, memory_format=torch.contiguous_format):
+        if not refused:
+            refused.append(tensor.data_ptr())
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        return contiguous(tensor, memory_format=memory_format)
+
+    monkeypatch.setattr(torch.Tensor, "contiguous", refuse_once)
+    relay_convolutions(unet, torch.channels_last)
+    assert refused == [weights[0][0]], "the first layer's copy was refused"
+    assert all(m.weight.is_contiguous(memory_format=torch.channels_last) for m in unet)
+    assert all(m.weight.data_ptr() == pointer and torch.equal(m.weight, value) for m, (pointer, value) in zip(unet, weights))
 
 
 @torch.no_grad()

@@ -101,3 +101,27 @@ def test_a_model_webui_unloaded_is_let_go():
     assert lookup.how == "rebound" and lookup.compiled.stats is stats
     lookup.compiled(*args, **kwargs)
     assert stats.graphs_compiled == 1, "the unloaded model's structure must keep its graphs"
+
+
+@torch.no_grad()
+def test_after_running_out_of_memory_every_graph_is_dropped_and_wrappers_compile_again():
+    """A compiled call that ran out of GPU memory releases every graph (and with them the CUDA-graph pools) before
+    its eager call; wrappers still in use in the generation (a ControlNet model's) compile again on their next call,
+    rather than refusing it as a recompile for inputs they ran compiled before."""
+    registry = CompiledUNets()
+    args, kwargs = arch.sd_inputs(arch.SD15_TINY, tokens=7)
+    unet, other = arch.sd_unet(arch.SD15_TINY, seed=1), arch.sd_unet(arch.SD15_TINY, in_channels=9, seed=2)
+    in_use = registry.get(other, OPTIONS).compiled
+    inputs = (torch.cat([args[0], args[0], args[0][:, :1]], dim=1), *args[1:])
+    in_use(*inputs, **kwargs)
+    compiled = registry.get(unet, OPTIONS).compiled
+    assert compiled.on_out_of_memory == registry.release_memory
+    compiled(*args, **kwargs)
+    assert len(registry) == 2
+
+    compiled.on_out_of_memory()
+    assert len(registry) == 0
+    out = in_use(*inputs, **kwargs)
+    assert in_use.failure is None and in_use.stats.graphs_compiled == 2, "compiled again, not refused"
+    assert relative_error(out, other(*inputs, **kwargs)) < 1e-4
+    assert registry.get(unet, OPTIONS).how == "new"

@@ -6,8 +6,8 @@ must answer HTTP 200 with an image equal to eager webui's image of the same payl
 request that had to run eagerly says why in its infotext.
 
 One size, 64x64, is compiled from nothing (30-60 s here); the other compiles (interrupt and skip while compiling, a
-failing first replay) compile it again (``always_recompile``), from Inductor's warm on-disk cache; the compile fault
-fails at 88x64 after tracing.
+failing first replay, and the request after it, which out of memory left no graph) compile it again
+(``always_recompile``), from Inductor's warm on-disk cache; the compile fault fails at 88x64 after tracing.
 """
 from __future__ import annotations
 
@@ -122,9 +122,10 @@ def test_a_fault_ends_in_the_eager_image_and_its_reason(ui, stage):
         assert difference(image, plain(ui))[0] > 1, "the eager fallback did not apply the LoRA"
     if stage == "compile":
         return  # that size was never compiled: compiling it costs a minute here
-    # The fault is gone: the next request runs compiled (the graph whose first replay failed is reused).
+    # The fault is gone: the next request runs compiled. Out of memory drops every graph to give their memory to the
+    # eager call, so after the failed first replay it compiles again; after the others it reuses the graph.
     image, text = scripted(ui, script_args=DEFAULT_ARGS, **payload)
-    assert onediff(text) == "reused", text
+    assert onediff(text).startswith("compiled in") if stage == "first replay" else onediff(text) == "reused", text
     assert_close(image, eager, f"after the fault at {stage}")
 
 

@@ -240,9 +240,9 @@ def print_tables(rows: list[dict], rounds: list[dict], summary: dict, key: str |
         for before, row in grew:
             cells = [f"{row[k] - before[k]:+.2f}" for k in measures] + (probe_change(before, row) if probed else [])
             print(f"| {row['request']}: {row['checkpoint']} {row['what']} | " + " | ".join(cells) + " |")
-        reasons = [(row["request"], reason) for _, row in grew for reason in (row.get("probe") or {}).get("re-record reasons") or []]
+        reasons = [(row["request"], reason) for _, row in grew for reason in (row.get("probe") or {}).get("mismatch reasons") or []]
         for request, reason in reasons:
-            print(f"request {request}, CUDA graph recorded again: {reason}")
+            print(f"request {request}, a CUDA-graph recording passed over: {reason}")
     growth = summary["memory growth"]
     skipped = "n/a (--eager)"
     checks = ([skipped] * 3 if summary["eager"] else

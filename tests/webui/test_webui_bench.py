@@ -88,7 +88,7 @@ def test_eager_soak_with_the_memory_probe(tmp_path):
         probe = row["probe"]
         assert probe["cuda"] is False and probe["allocated GiB"] is None and probe["graph pools allocated GiB"] is None
         assert probe["UNets"] >= 1 and probe["meta UNets"] is not None and probe["tree managers"] == 0, probe
-        assert probe["graph events"] == {} and probe["re-record reasons"] == [], probe  # no CUDA graphs on the CPU
+        assert probe["graph events"] == {} and probe["mismatch reasons"] == [], probe  # no CUDA graphs on the CPU
     assert summary["eager"] and summary["ok"] and summary["compared"] == 0, summary
     assert "| requests made | eager webui, without the script (--eager) |" in r.stdout, r.stdout
     assert "| eager fallbacks | n/a (--eager) |" in r.stdout, r.stdout

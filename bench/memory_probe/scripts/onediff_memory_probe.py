@@ -11,8 +11,10 @@ collects garbage or frees memory. Each part is guarded: a torch internals change
 request; without CUDA the memory fields are null.
 
 ``graph events``: what the CUDA-graph trees did since the last probe, from the debug messages torch writes on its
-"cudagraphs" log (turned on here, kept off the console): graphs recorded, recorded again (with the first reasons
-torch gives, ``re-record reasons``), warm-up runs, and runs without a graph ("eager": a replay that did not happen).
+"cudagraphs" log (turned on here, kept off the console): graphs recorded, recordings passed over (one made for other
+inputs, e.g. another model's weights, did not match; torch words this "Re-recording", but it records only where no
+recording matches, counted under "recorded"; the first reasons torch gives are kept, ``mismatch reasons``), warm-up
+runs, and runs without a graph ("eager": a replay that did not happen).
 """
 from __future__ import annotations
 
@@ -77,7 +79,7 @@ def _alive(manager) -> int:
 
 
 def _graphs(managers: list | None) -> dict:
-    # What was recorded, recorded again or warmed up: "graph events" (per request, with torch's reasons).
+    # What was recorded, passed over or warmed up: "graph events" (per request, with torch's reasons).
     return {"tree managers": _value(lambda: len(managers)),
             "recordings alive": _value(lambda: sum(_alive(manager) for manager in managers))}
 
@@ -102,9 +104,9 @@ def _objects() -> tuple[list, list, int]:
 
 
 class _GraphEvents(logging.Handler):
-    """Counts the CUDA-graph trees' debug messages by kind and keeps the first re-recording reasons, until taken."""
+    """Counts the CUDA-graph trees' debug messages by kind and keeps the first mismatch reasons, until taken."""
 
-    KINDS = {"[%s] Recording function": "recorded", "[%s] Re-recording function": "recorded again",
+    KINDS = {"[%s] Recording function": "recorded", "[%s] Re-recording function": "passed over",
              "[%s] Running warmup function": "warm-ups", "[%s] Running eager function": "eager"}
 
     def __init__(self):
@@ -115,11 +117,11 @@ class _GraphEvents(logging.Handler):
         kind = next((kind for start, kind in self.KINDS.items() if str(record.msg).startswith(start)), None)
         if kind is not None:
             self.counts[kind] += 1
-        if kind == "recorded again" and len(self.reasons) < 3:  # formatting only these: Recording's lists the inputs
+        if kind == "passed over" and len(self.reasons) < 3:  # formatting only these: Recording's lists the inputs
             self.reasons.append(record.getMessage()[:400])
 
     def take(self) -> dict:
-        taken = {"graph events": dict(self.counts), "re-record reasons": self.reasons}
+        taken = {"graph events": dict(self.counts), "mismatch reasons": self.reasons}
         self.counts, self.reasons = collections.Counter(), []
         return taken
 
@@ -152,7 +154,7 @@ def memory_probe() -> dict:
         managers = unets = None  # the fields below are then null
     answer.update(_graphs(managers))
     answer.update({"UNets": _value(lambda: len(unets)), "meta UNets": _value(lambda: sum(map(_on_meta, unets)))})
-    answer.update(_EVENTS.take() if _EVENTS is not None else {"graph events": None, "re-record reasons": None})
+    answer.update(_EVENTS.take() if _EVENTS is not None else {"graph events": None, "mismatch reasons": None})
     answer.update({"threads": threading.active_count(), "probe s": time.perf_counter() - started})
     del managers, unets
     return answer

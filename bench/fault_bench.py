@@ -30,7 +30,7 @@ runpy.run_path(str(Path(__file__).with_name("bootstrap.py")))
 
 from sd_webui_onediff.compile import CompileOptions  # noqa: E402
 from sd_webui_onediff.compile.attention import SdpaAttention, sdpa_forward  # noqa: E402
-from sd_webui_onediff.compile.engine import first_line  # noqa: E402
+from sd_webui_onediff.compile.engine import error_summary  # noqa: E402
 from sd_webui_onediff.compile.patching import patched  # noqa: E402
 from sd_webui_onediff.compile.registry import CompiledUNets  # noqa: E402
 from sd_webui_onediff.bench.unet_bench import CASES, fp16_autocast, on_device, peak_gib, relative_error, timed_ms  # noqa: E402
@@ -91,7 +91,7 @@ def oom(args, device: torch.device) -> None:
                 reason = compiled.failure or ""
             except torch.OutOfMemoryError as raised:
                 outcome = "out of memory: lost" if alone == "image" else "out of memory, as eager alone"
-                reason = first_line(raised)[:120]
+                reason = error_summary(raised)
             finally:
                 if compiled is not None:
                     compiled.restore_eager_layout()

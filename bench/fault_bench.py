@@ -1,6 +1,7 @@
 """What only a GPU can show of issue 13's faults; prints one table per mode.
 
     python bench/fault_bench.py oom        # CUDA out of memory while compiling: an eager result and the reason
+    python bench/fault_bench.py oom --transient --model sd15 --factors 0.7   # the pressure passes: eager image
     python bench/fault_bench.py switches   # GPU memory over many same-architecture switches
     python bench/fault_bench.py oom --model sd15 --tiny --device cpu   # runs the code path on the CPU (no OOM there)
 
@@ -33,7 +34,7 @@ from sd_webui_onediff.compile.attention import SdpaAttention, sdpa_forward  # no
 from sd_webui_onediff.compile.engine import error_summary  # noqa: E402
 from sd_webui_onediff.compile.patching import patched  # noqa: E402
 from sd_webui_onediff.compile.registry import CompiledUNets  # noqa: E402
-from sd_webui_onediff.bench.unet_bench import CASES, fp16_autocast, on_device, peak_gib, relative_error, timed_ms  # noqa: E402
+from sd_webui_onediff.bench.unet_bench import CASES, fp16_autocast, on_device, relative_error, timed_ms  # noqa: E402
 
 
 def model(args, device: torch.device, seed: int = 0):
@@ -51,6 +52,28 @@ def webui_sdp_forward(self, x, context=None, mask=None, **_unused):
     return sdpa_forward(self, x, context, mask, upcast=False)
 
 
+def reserved_gib(fn, device: torch.device) -> tuple[float, float]:
+    """(GiB reserved before ``fn()`` from an empty cache, the most reserved during it beyond that)."""
+    if device.type != "cuda":
+        return 0.0, 0.0
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_reserved(device)
+    fn()
+    torch.cuda.synchronize()
+    return before / 2**30, (torch.cuda.max_memory_reserved(device) - before) / 2**30
+
+
+def lift_cap_then(release, device: torch.device):
+    """``--transient``: the pressure goes away when the compile has run out of memory (another program freed its
+    memory), so the eager fallback that follows has room, as it would in such a session."""
+    def lift_and_release():
+        torch.cuda.set_per_process_memory_fraction(1.0, device)
+        release()
+    return lift_and_release
+
+
 def oom(args, device: torch.device) -> None:
     unet, inputs, kwargs = model(args, device)
     autocast = fp16_autocast(device)
@@ -62,10 +85,11 @@ def oom(args, device: torch.device) -> None:
                 return unet(*inputs, **kwargs)
 
         expected = eager()
-        weights = torch.cuda.memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
-        activations = peak_gib(eager, device) - weights if device.type == "cuda" else 0.0
+        # The cap limits what the caching allocator reserves (its blocks are rounded up, and cuBLAS's workspace is one
+        # of them), so weights and activations are measured as reserved memory too, from an empty cache.
+        weights, activations = reserved_gib(eager, device)
         total = torch.cuda.get_device_properties(device).total_memory / 2**30 if device.type == "cuda" else 0.0
-        print(f"{args.model}: weights {weights:.2f} GiB, eager activations {activations:.2f} GiB, card {total:.0f} GiB")
+        print(f"{args.model}: reserved for the weights {weights:.2f} GiB, for eager's activations {activations:.2f} GiB, card {total:.0f} GiB")
         print("| cap (x eager activations) | cap GiB | eager webui alone | with the script | error vs eager | reason |")
         print("|---|---|---|---|---|---|")
         for factor in args.factors:
@@ -83,6 +107,8 @@ def oom(args, device: torch.device) -> None:
             try:
                 compiled = registry.get(unet, CompileOptions()).compiled
                 compiled.expected_class_forwards = frozenset({webui_sdp_forward.__module__})
+                if args.transient and device.type == "cuda":
+                    compiled.on_out_of_memory = lift_cap_then(compiled.on_out_of_memory, device)
                 with autocast:
                     for _ in range(3):  # compile and warm up, record the CUDA graphs, replay them
                         out = compiled(*inputs, **kwargs)
@@ -138,6 +164,8 @@ def main() -> None:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--factors", type=float, nargs="+", default=[1.5, 1.2, 1.1, 1.0, 0.9, 0.7],
                         help="oom: memory caps as multiples of the eager call's activation peak, above the weights")
+    parser.add_argument("--transient", action="store_true",
+                        help="oom: lift the cap when the script's compile runs out of memory (pressure that passed)")
     parser.add_argument("--rounds", type=int, default=20, help="switches: how many switches")
     args = parser.parse_args()
     device = torch.device(args.device)

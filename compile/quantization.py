@@ -33,6 +33,10 @@ INPUT_MARGIN = 2.0
 """Static input scales cover this multiple of the largest input value seen while calibrating (later steps, prompts
 and seeds reach further). fp8's exponent keeps small values' relative precision, so the margin costs little."""
 BUFFERS = frozenset({QUANTIZED_WEIGHT, WEIGHT_SCALE, INPUT_SCALE})
+OUTPUT_DTYPE = "onediff_output_dtype"
+"""A quantized layer's attribute: its weight's dtype, which its output has. Kept beside the weight so that the compiled
+graph never reads the weight itself: Dynamo would guard on it (its device, dtype and layout), and a full-precision
+weight that moved (to host memory, to save GPU memory) would then make the graph compile again."""
 QUANTIZED_FROM = "onediff_quantized_from"
 """A quantized layer's attribute: what its 8-bit copy was written from, ``weight_source`` and the static input
 maximum (None: per-row input scales)."""
@@ -165,9 +169,10 @@ def is_quantized(layer: torch.nn.Module) -> bool:
 
 
 def quantized_linear(layer: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """The forward of a quantized layer: its output in the weight's own dtype (the model's precision)."""
+    """The forward of a quantized layer: its output in the weight's own dtype (the model's precision), read from
+    ``OUTPUT_DTYPE``, not from the weight."""
     return quantized_matmul(x, layer._buffers[QUANTIZED_WEIGHT], layer._buffers[WEIGHT_SCALE], layer.bias,
-                            layer.weight.dtype, layer._buffers.get(INPUT_SCALE))
+                            getattr(layer, OUTPUT_DTYPE), layer._buffers.get(INPUT_SCALE))
 
 
 def weight_source(weight: torch.Tensor) -> tuple:
@@ -204,6 +209,7 @@ def quantize(layers: Iterable[torch.nn.Linear], format: str, input_amax: Iterabl
                 else:
                     layer.register_buffer(name, value, persistent=False)
             layer.__dict__[QUANTIZED_FROM] = (weight_source(layer.weight), largest)
+            layer.__dict__[OUTPUT_DTYPE] = layer.weight.dtype
             count += 1
     return count
 
@@ -222,6 +228,7 @@ def _drop_buffers(layer: torch.nn.Module) -> None:
     for name in BUFFERS:
         layer._buffers.pop(name, None)
     layer.__dict__.pop(QUANTIZED_FROM, None)
+    layer.__dict__.pop(OUTPUT_DTYPE, None)
 
 
 def apply(unet: torch.nn.Module, quantization: Quantization) -> int:

@@ -138,6 +138,40 @@ def test_quantized_compiled_unet_is_close_to_eager_and_not_equal(quantized_sd15)
 
 
 @torch.no_grad()
+def test_the_graph_reads_no_full_precision_weight_of_a_quantized_layer(quantized_sd15):
+    """Such a weight may move (to host memory, to save GPU memory) without a recompile: the graph neither takes it nor
+    guards it. The weight of a layer kept in full precision is guarded: changing its layout makes the next call compile
+    again, which the engine refuses after a generation's first call (it runs eagerly)."""
+    registry, unet, _, out = quantized_sd15
+    args, kwargs = UNETS["sd15"](1)[1]
+    lookup = registry.get(unet, INT8)
+    compiled, plan = lookup.compiled, lookup.compiled.backend.quantization
+    # The first block's (the graphs of the blocks after it, compiled once for all, take their tensors as inputs), and
+    # not the witness layer (plan.layers[0]), whose change would requantize.
+    quantized = unet.get_submodule(plan.layers[1])
+    kept = next(module for module in unet.modules() if isinstance(module, torch.nn.Linear) and not q.is_quantized(module))
+
+    def relaid(weight):  # the same values in another memory layout: a tensor Dynamo's guards tell apart
+        return weight.t().contiguous().t()
+
+    graphs = compiled.stats.graphs_compiled
+    original = quantized.weight.data
+    quantized.weight.data = relaid(original)
+    try:
+        assert torch.equal(compiled(*args, **kwargs), out)
+        assert compiled.failure is None and compiled.stats.graphs_compiled == graphs
+    finally:
+        quantized.weight.data = original
+    original = kept.weight.data
+    kept.weight.data = relaid(original)
+    try:
+        compiled(*args, **kwargs)
+        assert compiled.failure is not None and compiled.stats.graphs_compiled == graphs
+    finally:
+        kept.weight.data = original
+
+
+@torch.no_grad()
 def test_quantized_entries_reuse_the_plan_and_keep_weights_in_step(quantized_sd15):
     registry, unet, compiled, out = quantized_sd15
     args, kwargs = UNETS["sd15"](1)[1]

@@ -3,6 +3,7 @@
     python bench/quant_bench.py                             # SDXL 1024 and SD1.5 512, int8 and fp8, on the GPU
     python bench/quant_bench.py --tiny --device cpu --formats int8   # CPU smoke run
     python bench/quant_bench.py --models sdxl --formats int8 fp8 --fp8-static --profile --repeat 20   # where time goes
+    python bench/quant_bench.py --park              # also with full-precision weights in host memory: GPU memory, time
 
 For each format: every candidate layer's own error is measured on the call's inputs (``measure_errors``), the layers
 within the threshold are quantized, and the compiled UNet runs them in 8 bits. Error: ||out - eager fp16|| / ||eager
@@ -30,6 +31,7 @@ runpy.run_path(str(Path(__file__).with_name("bootstrap.py")))
 from sd_webui_onediff.bench import kernel_profile as kp  # noqa: E402
 from sd_webui_onediff.bench import unet_bench as ub  # noqa: E402
 from sd_webui_onediff.compile import CompiledUNet, CompileOptions  # noqa: E402
+from sd_webui_onediff.compile import host_memory  # noqa: E402
 from sd_webui_onediff.compile import quantization as q  # noqa: E402
 from sd_webui_onediff.compile.attention import SdpaAttention  # noqa: E402
 
@@ -43,6 +45,34 @@ def weights_gib(unet: torch.nn.Module, *, masters_of_quantized: bool) -> float:
                 continue
             total += tensor.numel() * tensor.element_size()
     return total / 2**30
+
+
+def allocated_gib(device: torch.device) -> float:
+    if device.type != "cuda":
+        return float("nan")
+    torch.cuda.synchronize()
+    return torch.cuda.memory_allocated(device) / 2**30
+
+
+def parked(compiled: CompiledUNet, unet: torch.nn.Module, run_compiled, out, device: torch.device, repeat: int) -> dict:
+    """``--park``: the quantized layers' full-precision weights held in host memory (``compile/host_memory.py``): GPU
+    memory allocated before and after, ms per call then (same graph), the error against the unparked call's output,
+    and the seconds of bringing them back (an eager use) and of parking them again unchanged (no copy)."""
+    before = allocated_gib(device)
+    compiled.park_weights = True
+    try:
+        run_compiled()  # parks
+        after = allocated_gib(device)
+        parked_out = run_compiled()
+        ms = ub.timed_ms(run_compiled, device, repeat)
+        layers = host_memory.parked_layers(unet)
+        back_s = ub.wall_seconds(lambda: host_memory.unpark(layers), device)[1]
+        again_s = ub.wall_seconds(lambda: host_memory.park(layers), device)[1]
+    finally:
+        compiled.park_weights = False
+        host_memory.unpark(host_memory.parked_layers(unet))
+    return {"allocated_gib": before, "allocated_gib_parked": after, "parked_ms": ms,
+            "parked_err_vs_unparked": ub.relative_error(parked_out, out), "unpark_s": back_s, "repark_s": again_s}
 
 
 def run_case(name: str, args, device: torch.device) -> list[dict]:
@@ -105,6 +135,8 @@ def run_case(name: str, args, device: torch.device) -> list[dict]:
                 "weights_gib_no_masters": weights_gib(unet, masters_of_quantized=False),
                 "peak_gib": ub.peak_gib(run_compiled, device),
             })
+            if args.park and format is not None:
+                rows[-1].update(parked(compiled, unet, run_compiled, out, device, args.repeat))
             print(json.dumps(rows[-1]), flush=True)  # a run cut short by a timeout still leaves its rows
             if args.profile:
                 try:
@@ -135,6 +167,8 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true",
                         help="after each variant's timing, print where a compiled call's time goes, by kind of kernel")
     parser.add_argument("--profile-calls", type=int, default=5, help="compiled calls profiled per variant (default 5)")
+    parser.add_argument("--park", action="store_true",
+                        help="also hold the quantized layers' full-precision weights in host memory: memory and time")
     parser.add_argument("--option", type=ub.parse_option, action="append", default=[], metavar="NAME=VALUE")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
@@ -147,6 +181,9 @@ def main() -> None:
                ("layer_err_max", "{:.1e}"), ("eager_ms", "{:.2f}"), ("compiled_ms", "{:.2f}"),
                ("vs_fp16_compiled", "{:.2f}x"), ("err_vs_eager", "{:.1e}"), ("compile_s", "{:.1f}"),
                ("weights_gib", "{:.2f}"), ("weights_gib_no_masters", "{:.2f}"), ("peak_gib", "{:.2f}")]
+    if args.park:
+        columns += [("allocated_gib", "{:.2f}"), ("allocated_gib_parked", "{:.2f}"), ("parked_ms", "{:.2f}"),
+                    ("parked_err_vs_unparked", "{:.1e}"), ("unpark_s", "{:.2f}"), ("repark_s", "{:.2f}")]
     print(ub.markdown_table(rows, columns))
     if args.profile:
         clock = next((row["profile"]["clock"] for row in rows if row.get("profile")), "CUDA")

@@ -159,9 +159,10 @@ def run_case(name: str, args: argparse.Namespace, device: torch.device) -> dict:
 
 
 def markdown_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
-    """``columns``: (key, format) pairs; one line per row."""
+    """``columns``: (key, format) pairs; one line per row; "-" where a row has no such key."""
     lines = ["| " + " | ".join(name for name, _ in columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(fmt.format(row[name]) for name, fmt in columns) + " |" for row in rows]
+    lines += ["| " + " | ".join("-" if row.get(name) is None else fmt.format(row[name]) for name, fmt in columns) + " |"
+              for row in rows]
     return "\n".join(lines)
 
 

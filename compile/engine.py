@@ -18,7 +18,7 @@ import torch._dynamo
 from torch._inductor.compile_fx import compile_fx
 from torch.utils._pytree import tree_map_only
 
-from . import quantization, regions
+from . import host_memory, quantization, regions
 from .attention import SdpaAttention, kernel_preference
 from .foreign_hooks import find_class_forwards, find_foreign_hooks, foreign_frame, foreign_hooks_reason, short_path
 from .layers import PLAIN_FORWARDS, plain_layers
@@ -180,6 +180,9 @@ class CompiledUNet(SharedModule):
         self._value_recompile_allowed = True
         self._witness: tuple[torch.nn.Module, float | None] | None = None
         """A quantized layer and its static input maximum: ``quantization.is_stale`` on it shows a checkpoint load."""
+        self.park_weights = False
+        """With quantization: hold the quantized layers' full-precision weights in host memory while compiled calls
+        need only their 8-bit copies (``host_memory.park``); they come back for any eager use."""
         # Kept out of nn.Module's registry: the compiled callable is not a submodule of its own wrapper.
         object.__setattr__(self, "_compiled", torch.compile(unet, backend=self.backend, fullgraph=True, dynamic=False))
 
@@ -194,6 +197,11 @@ class CompiledUNet(SharedModule):
         self.failure = None
         self._value_recompile_allowed = True
         self._relay_for_compiled_calls()
+        host_memory.unguard(self.eager)  # the graph would trace the hook
+        plan = self.backend.quantization if self.options.quantization is not None else None
+        # Weights this entry's graphs read, or that choosing its layers reads eagerly, must be on the device.
+        wanted = set(plan.layers) if plan is not None else set()
+        host_memory.unpark(module for name, module in self._named_modules if name not in wanted)
         if self.options.quantization is None:
             quantization.dequantize(self.eager)  # the unquantized graphs run on eager modules without 8-bit copies
         else:
@@ -210,7 +218,28 @@ class CompiledUNet(SharedModule):
         # A tuple, not the module itself: nn.Module would register a module attribute in the shared _modules.
         largest = plan.input_amax[0] if plan.input_amax else None
         self._witness = (self.eager.get_submodule(plan.layers[0]), largest) if plan.layers else None
+        if self.park_weights:
+            self._place_full_precision_weights()
         return written
+
+    def _place_full_precision_weights(self) -> None:
+        """The quantized layers' full-precision weights: in host memory with ``park_weights`` (copying only what changed
+        since they were last there), else on the device. Called whenever the 8-bit copies were brought up to date, and
+        by a call that finds the witness layer's weight elsewhere than ``park_weights`` wants it."""
+        plan = self.backend.quantization
+        layers = [self.eager.get_submodule(name) for name in plan.layers]
+        if self.park_weights:
+            moved = host_memory.park(layers)
+            if moved:
+                log.info("OneDiff: %.2f GiB of full-precision weights moved to host memory", moved / 2**30)
+        else:
+            host_memory.unpark(layers)
+
+    def end_generation(self) -> None:
+        """The eager module as eager webui has it: its own layout, and any weight still in host memory brought back on
+        its first eager call (``host_memory.guard``)."""
+        self.restore_eager_layout()
+        host_memory.guard(self.eager)
 
     def restore_eager_layout(self) -> None:
         """Gives the eager module back its own layout (``channels_last`` re-lays convolution weights): eager calls
@@ -226,6 +255,7 @@ class CompiledUNet(SharedModule):
         """From now on every call runs the eager module; ``reason`` is shown to the user like a compile failure."""
         self.failure = reason
         self.restore_eager_layout()
+        host_memory.unpark(host_memory.parked_layers(self.eager))
         self._compile_ended()
 
     def forward(self, *args, **kwargs):
@@ -235,6 +265,9 @@ class CompiledUNet(SharedModule):
             self._refuse_foreign_hooks()
         if self.failure is None and self.options.quantization is not None:
             self._quantize(args, kwargs)
+            witness = self._witness[0] if self._witness is not None and self.failure is None else None
+            if witness is not None and self.park_weights != host_memory.is_parked(witness):
+                self._place_full_precision_weights()
         if self.failure is not None:
             return self.eager(*args, **kwargs)
         graphs_before = self.stats.graphs_compiled

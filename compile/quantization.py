@@ -181,6 +181,16 @@ def weight_source(weight: torch.Tensor) -> tuple:
     return id(weight), weight.data_ptr(), weight._version
 
 
+def replace_weight_data(layer: torch.nn.Module, data: torch.Tensor) -> None:
+    """Gives the layer's weight ``data``, the same values in other memory (host memory, ``compile/host_memory.py``),
+    keeping its 8-bit copy current if it was."""
+    written_from = layer.__dict__.get(QUANTIZED_FROM)
+    current = written_from is not None and written_from[0] == weight_source(layer.weight)
+    layer.weight.data = data
+    if current:
+        layer.__dict__[QUANTIZED_FROM] = (weight_source(layer.weight), written_from[1])
+
+
 def is_stale(layer: torch.nn.Module, input_amax: float | None = None) -> bool:
     """Whether the layer's 8-bit copy is missing, or was written from a weight that changed since or for another static
     input maximum (``Quantization.input_amax``)."""
@@ -196,7 +206,10 @@ def quantize(layers: Iterable[torch.nn.Linear], format: str, input_amax: Iterabl
     count = 0
     with torch.no_grad():
         for layer, largest in zip(layers, amax, strict=True):
-            weight, scale = quantize_weight(layer.weight, format, per_tensor=largest is not None)
+            held = layer._buffers.get(QUANTIZED_WEIGHT)
+            # Where the 8-bit copy lives: the weight may be waiting in host memory (compile/host_memory.py).
+            source = layer.weight if held is None else layer.weight.to(held.device, non_blocking=True)
+            weight, scale = quantize_weight(source, format, per_tensor=largest is not None)
             wanted = {QUANTIZED_WEIGHT: weight, WEIGHT_SCALE: scale}
             if largest is not None:
                 wanted[INPUT_SCALE] = torch.tensor(max(largest, 1e-6) * INPUT_MARGIN / _FP8_MAX, device=weight.device)

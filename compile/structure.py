@@ -7,7 +7,8 @@ bookkeeping on its layers, which the graph's guards check where it reads them) a
 shape, dtype and device. Memory layout is left out on purpose: the engine itself turns convolution weights to
 channels-last, and a layout change is caught by the graph's own guards. Weight *values* are not part of it: the graph
 reads them from the parameter buffers on every call, so another checkpoint of the same architecture, copied into the
-same buffers, reuses the graph. Nor are the 8-bit copies of quantized layers (``compile/quantization.py``): the
+same buffers, reuses the graph. A full-precision weight waiting in host memory (``compile/host_memory.py``) counts
+on the device it came from. Nor are the 8-bit copies of quantized layers (``compile/quantization.py``): the
 format is part of the registry's key beside the structure (``CompileOptions.quantization``) and each entry chooses its
 layers once, so a quantized and an unquantized generation of one model use two entries, and quantizing never changes
 an entry's key.
@@ -22,6 +23,7 @@ import textwrap
 
 import torch
 
+from .host_memory import PARKED
 from .quantization import BUFFERS as QUANTIZATION_BUFFERS
 
 _PLAIN_TYPES = (bool, int, float, str, type(None))
@@ -78,9 +80,13 @@ def _module_lines(unet: torch.nn.Module):
 def _tensor_lines(unet: torch.nn.Module):
     tensors = list(unet.named_parameters(remove_duplicate=False)) + list(unet.named_buffers(remove_duplicate=False))
     for name, tensor in tensors:
-        if name.rpartition(".")[2] in QUANTIZATION_BUFFERS:
+        owner, _, attribute = name.rpartition(".")
+        if attribute in QUANTIZATION_BUFFERS:
             continue
-        yield f"tensor {name} {tuple(tensor.shape)} {tensor.dtype} {tensor.device}"
+        device = tensor.device
+        if attribute == "weight" and device.type == "cpu":  # waiting in host memory: where it works counts
+            device = unet.get_submodule(owner).__dict__.get(PARKED, device)
+        yield f"tensor {name} {tuple(tensor.shape)} {tensor.dtype} {device}"
 
 
 def structure_key(unet: torch.nn.Module) -> str:

@@ -17,6 +17,8 @@ from typing import Callable, Hashable, Sequence
 
 import torch
 
+from ..compile.host_memory import host_copies
+
 
 class FusedLoras:
     """``sync(wanted)`` before each compiled call; cheap when nothing changed.
@@ -71,30 +73,6 @@ class FusedLoras:
         self._synced = wanted
         self._witness = next((layer for layer in self.layers if self._fused(layer) == wanted), None) if wanted else None
         return seconds
-
-
-def host_copies(tensors: Sequence[torch.Tensor], *, pin: bool, buffer_bytes: int = 1 << 28) -> list[torch.Tensor]:
-    """Host copies of ``tensors``, packed into buffers of up to ``buffer_bytes``, page-locked if ``pin`` (for weights
-    on a GPU) and then copied without waiting (order them by the stream).
-
-    Page-locked because only such memory copies to and from the GPU asynchronously and at full bus speed. Few buffers
-    because page-locking is slow per allocation (hundreds of layers). Buffers of a power-of-two size because torch's
-    pinned allocator rounds every request up to one: one 5 GiB buffer for SDXL would lock 8 GiB of host memory. A
-    tensor larger than ``buffer_bytes`` gets a buffer of its own."""
-    places, buffer_sizes = [], []  # (buffer, offset) per tensor; bytes used per buffer
-    for tensor in tensors:
-        size = -(-tensor.numel() * tensor.element_size() // 64) * 64  # keep every view 64-byte aligned
-        if not buffer_sizes or buffer_sizes[-1] + size > buffer_bytes:
-            buffer_sizes.append(0)
-        places.append((len(buffer_sizes) - 1, buffer_sizes[-1]))
-        buffer_sizes[-1] += size
-    buffers = [torch.empty(size, dtype=torch.uint8, pin_memory=pin) for size in buffer_sizes]
-    copies = []
-    for tensor, (index, offset) in zip(tensors, places):
-        size = tensor.numel() * tensor.element_size()
-        copy = buffers[index][offset:offset + size].view(tensor.dtype).view(tensor.shape)
-        copies.append(copy.copy_(tensor, non_blocking=pin))
-    return copies
 
 
 def fits_on_gpu(backup_bytes: int, free_bytes: int, total_bytes: int) -> bool:

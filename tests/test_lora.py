@@ -5,7 +5,8 @@ import torch
 from sd_webui_onediff.bench import architectures as arch
 from sd_webui_onediff.bench.loras import KohyaApplier, lora_delta, lora_key, make_lora
 from sd_webui_onediff.compile import CompiledUNet
-from sd_webui_onediff.lora import FusedLoras, fits_on_gpu, host_copies
+from sd_webui_onediff.compile.host_memory import host_copies
+from sd_webui_onediff.lora import FusedLoras, fits_on_gpu
 
 
 def reference(base_state: dict, wanted, loras) -> torch.nn.Module:

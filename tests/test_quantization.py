@@ -10,6 +10,7 @@ import pytest
 import torch
 from sd_webui_onediff.bench import architectures as arch
 from sd_webui_onediff.compile import CompiledUNet, CompileOptions, structure_key
+from sd_webui_onediff.compile import host_memory as hm
 from sd_webui_onediff.compile import quantization as q
 from sd_webui_onediff.compile.attention import SdpaAttention
 from sd_webui_onediff.compile.layers import plain_layers
@@ -169,6 +170,42 @@ def test_the_graph_reads_no_full_precision_weight_of_a_quantized_layer(quantized
         assert compiled.failure is not None and compiled.stats.graphs_compiled == graphs
     finally:
         kept.weight.data = original
+
+
+@torch.no_grad()
+def test_full_precision_weights_wait_in_host_memory_until_an_eager_use(quantized_sd15):
+    """``park_weights`` (compile/host_memory.py): compiled calls park the quantized layers' weights, with the same
+    output and no recompile; the next generation finds the same entry and moves nothing; webui's eager call after a
+    generation, or an eager fallback in one, brings them back."""
+    registry, unet, _, out = quantized_sd15
+    args, kwargs = UNETS["sd15"](1)[1]
+    reference = unet(*args, **kwargs)
+    lookup = registry.get(unet, INT8)
+    compiled, graphs = lookup.compiled, lookup.compiled.stats.graphs_compiled
+    layers = [unet.get_submodule(name) for name in compiled.backend.quantization.layers]
+    compiled.park_weights = True
+    try:
+        assert torch.equal(compiled(*args, **kwargs), out)
+        assert all(hm.is_parked(layer) for layer in layers) and compiled.stats.graphs_compiled == graphs
+        host = [layer.weight.data_ptr() for layer in layers]
+        compiled.end_generation()
+
+        again = registry.get(unet, INT8)
+        assert again.how == "reused" and not unet._forward_pre_hooks
+        assert torch.equal(again.compiled(*args, **kwargs), out)
+        assert [layer.weight.data_ptr() for layer in layers] == host, "nothing moved"
+        compiled.end_generation()
+        assert torch.equal(unet(*args, **kwargs), reference) and not hm.parked_layers(unet)
+
+        registry.get(unet, INT8).compiled(*args, **kwargs)
+        assert all(hm.is_parked(layer) for layer in layers)
+        compiled.run_eagerly("a reason")
+        assert not hm.parked_layers(unet) and torch.equal(compiled(*args, **kwargs), reference)
+        assert compiled.stats.graphs_compiled == graphs
+    finally:
+        compiled.park_weights = False
+        hm.unpark(hm.parked_layers(unet))
+        hm.unguard(unet)
 
 
 @torch.no_grad()

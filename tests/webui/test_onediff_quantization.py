@@ -33,6 +33,7 @@ CHANGED = 0.1
 """Mean absolute uint8 difference from the unquantized compiled image above which quantization changed the image:
 here the unquantized compiled image is within 1e-4 of eager's on average, and int8 moves it by 0.8 (largest 6)."""
 FORMAT_OPTION = "onediff_quantization_format"
+HOST_MEMORY_OPTION = "onediff_quantized_weights_in_host_memory"
 
 
 def generate(ui, script_args=None, prompt: str = PROMPT, **payload):
@@ -119,6 +120,29 @@ def test_lora_on_the_quantized_model(on_a, first):
     again, text = generate(on_a, QUANTIZED)
     quantized_layers(text)
     assert np.array_equal(again, first["quantized"]), f"LoRA not removed exactly: {difference(again, first['quantized'])}"
+
+
+def test_full_precision_weights_in_cpu_memory(on_a, first):
+    """The setting that parks the 8-bit layers' full-precision weights in host memory (``compile/host_memory.py``;
+    on the CPU, host memory is all there is: the GPU memory it saves is measured by ``bench/quant_bench.py``). The
+    same images, with and without a LoRA, which comes and goes through the parked weights; webui's eager generation
+    after it brings the weights back first."""
+    on_a.set_options(**{HOST_MEMORY_OPTION: True})
+    try:
+        image, text = generate(on_a, QUANTIZED)
+        layers = quantized_layers(first["text"], "compiled")
+        assert field(text) == f"reused, int8 {layers} layers (full precision in CPU memory)", text
+        assert np.array_equal(image, first["quantized"]), difference(image, first["quantized"])
+        with_lora, _ = generate(on_a, QUANTIZED, prompt=f"{PROMPT} {LORA}")
+        assert_differs(with_lora, first["quantized"], "quantized with LoRA vs without")
+        again, _ = generate(on_a, QUANTIZED)
+        assert np.array_equal(again, first["quantized"]), f"LoRA not removed exactly: {difference(again, first['quantized'])}"
+        eager, _ = generate(on_a)
+        assert np.array_equal(eager, first["eager"]), difference(eager, first["eager"])
+    finally:
+        on_a.set_options(**{HOST_MEMORY_OPTION: False})
+    reference, _ = generate(on_a, QUANTIZED, prompt=f"{PROMPT} {LORA}")
+    assert np.array_equal(with_lora, reference), f"LoRA with parked weights: {difference(with_lora, reference)}"
 
 
 def test_same_architecture_checkpoint_switch(ui, first):

@@ -413,8 +413,9 @@ def lora_fusing(p: StableDiffusionProcessing, unet: torch.nn.Module, compiled):
 def back_up(layers, in_host_memory: bool = False) -> None:
     """The backups webui's ``network_apply_weights`` makes of a layer's original weight and bias before its first LoRA
     (``network_weights_backup``, ``network_bias_backup``), made here for all layers at once, in GPU memory or in
-    page-locked host memory (the setting; host memory with ``in_host_memory``); backups webui made of these layers in pageable memory (eager generations)
-    move there too. Webui uses them unchanged. ``layers``: those the wanted networks touch (``FusedLoras.sync``)."""
+    page-locked host memory (the setting; host memory ``in_host_memory``, where the weights themselves wait); backups
+    webui made of these layers in pageable memory (eager generations) move there too. Webui uses them unchanged.
+    ``layers``: those the wanted networks touch (``FusedLoras.sync``)."""
     backups = []  # (layer, attribute, tensor to copy)
     device = layers[0].weight.device
     on_cuda = device.type == "cuda"

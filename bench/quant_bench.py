@@ -70,7 +70,7 @@ def parked(compiled: CompiledUNet, unet: torch.nn.Module, run_compiled, out, dev
         again_s = ub.wall_seconds(lambda: host_memory.park(layers), device)[1]
     finally:
         compiled.park_weights = False
-        host_memory.unpark(host_memory.parked_layers(unet))
+        host_memory.unpark(unet.modules())
     return {"allocated_gib": before, "allocated_gib_parked": after, "parked_ms": ms,
             "parked_err_vs_unparked": ub.relative_error(parked_out, out), "unpark_s": back_s, "repark_s": again_s}
 

@@ -255,7 +255,7 @@ class CompiledUNet(SharedModule):
         """From now on every call runs the eager module; ``reason`` is shown to the user like a compile failure."""
         self.failure = reason
         self.restore_eager_layout()
-        host_memory.unpark(host_memory.parked_layers(self.eager))
+        host_memory.unpark(self.eager.modules())
         self._compile_ended()
 
     def forward(self, *args, **kwargs):

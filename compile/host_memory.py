@@ -59,6 +59,11 @@ def is_parked(layer: torch.nn.Module) -> bool:
     return PARKED in layer.__dict__ and layer.weight.data_ptr() == layer.__dict__[HOST_COPY][0].data_ptr()
 
 
+def parked_from(layer: torch.nn.Module) -> torch.device | None:
+    """The device a parked layer's weight came from and goes back to; None when it is not parked."""
+    return layer.__dict__[PARKED] if is_parked(layer) else None
+
+
 def parked_layers(unet: torch.nn.Module) -> list[torch.nn.Module]:
     return [module for module in unet.modules() if is_parked(module)]
 
@@ -116,7 +121,7 @@ def guard(unet: torch.nn.Module) -> None:
         return
 
     def unpark_before_call(module, args):
-        unpark(parked_layers(module))
+        unpark(module.modules())
         unguard(module)
 
     unet.__dict__[GUARD] = unet.register_forward_pre_hook(unpark_before_call)

@@ -206,9 +206,9 @@ def quantize(layers: Iterable[torch.nn.Linear], format: str, input_amax: Iterabl
     count = 0
     with torch.no_grad():
         for layer, largest in zip(layers, amax, strict=True):
-            held = layer._buffers.get(QUANTIZED_WEIGHT)
+            copy = layer._buffers.get(QUANTIZED_WEIGHT)
             # Where the 8-bit copy lives: the weight may be waiting in host memory (compile/host_memory.py).
-            source = layer.weight if held is None else layer.weight.to(held.device, non_blocking=True)
+            source = layer.weight if copy is None else layer.weight.to(copy.device, non_blocking=True)
             weight, scale = quantize_weight(source, format, per_tensor=largest is not None)
             wanted = {QUANTIZED_WEIGHT: weight, WEIGHT_SCALE: scale}
             if largest is not None:

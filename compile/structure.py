@@ -23,7 +23,7 @@ import textwrap
 
 import torch
 
-from .host_memory import PARKED
+from .host_memory import parked_from
 from .quantization import BUFFERS as QUANTIZATION_BUFFERS
 
 _PLAIN_TYPES = (bool, int, float, str, type(None))
@@ -85,7 +85,7 @@ def _tensor_lines(unet: torch.nn.Module):
             continue
         device = tensor.device
         if attribute == "weight" and device.type == "cpu":  # waiting in host memory: where it works counts
-            device = unet.get_submodule(owner).__dict__.get(PARKED, device)
+            device = parked_from(unet.get_submodule(owner)) or device
         yield f"tensor {name} {tuple(tensor.shape)} {tensor.dtype} {device}"
 
 

@@ -1,9 +1,10 @@
 """Quantization benchmark at UNet level: eager fp16, compiled fp16 and compiled 8-bit, same process, same card; one table.
 
     python bench/quant_bench.py                             # SDXL 1024 and SD1.5 512, int8 and fp8, on the GPU
-    python bench/quant_bench.py --tiny --device cpu --formats int8   # CPU smoke run
-    python bench/quant_bench.py --models sdxl --formats int8 fp8 --fp8-static --profile --repeat 20   # where time goes
+    python bench/quant_bench.py --tiny --device cpu --variants int8   # CPU smoke run
+    python bench/quant_bench.py --models sdxl --variants fp8-static fp8-static-fast-accum --profile --repeat 20
     python bench/quant_bench.py --park              # also with full-precision weights in host memory: GPU memory, time
+    python bench/quant_bench.py --gemms --variants  # only the candidate layers' GEMMs, one table: the ceiling
 
 For each format: every candidate layer's own error is measured on the call's inputs (``measure_errors``), the layers
 within the threshold are quantized, and the compiled UNet runs them in 8 bits. Error: ||out - eager fp16|| / ||eager
@@ -14,6 +15,11 @@ copies, and without them (the masters of quantized layers held elsewhere).
 prints at once: CUDA time per call by category of kernel (8-bit GEMMs, fp16/bf16 GEMMs, attention, convolutions,
 Inductor's Triton kernels, copies...; the rules are in ``bench/kernel_profile.py``) and the costliest kernels; at the end
 one line per variant puts the categories side by side. On the CPU the profile reads operators' CPU time (a smoke run).
+
+``--gemms``: before the UNet variants, the candidate layers' GEMMs alone, on random data of the shapes one call gives
+them (rows, in, out), each shape timed with cuBLAS in every precision: fp16 ``linear``, int8 ``_int_mm``, fp8 with
+row-wise scales, fp8 with per-tensor scales (as static input scales give) with and without fast accumulation. Summed
+over the call's layers: what the GEMMs cost and the most 8 bits could save, before quantizing the inputs.
 """
 from __future__ import annotations
 
@@ -54,25 +60,116 @@ def allocated_gib(device: torch.device) -> float:
     return torch.cuda.memory_allocated(device) / 2**30
 
 
-def parked(compiled: CompiledUNet, unet: torch.nn.Module, run_compiled, out, device: torch.device, repeat: int) -> dict:
-    """``--park``: the quantized layers' full-precision weights held in host memory (``compile/host_memory.py``): GPU
-    memory allocated before and after, ms per call then (same graph), the error against the unparked call's output,
-    and the seconds of bringing them back (an eager use) and of parking them again unchanged (no copy)."""
+def parked(unet: torch.nn.Module, run_compiled, out, device: torch.device, repeat: int) -> dict:
+    """``--park``: the quantized layers' full-precision weights moved to host memory (``compile/host_memory.park``, as
+    the engine does with the setting on): GPU memory allocated before and after, the seconds of that first move (page-
+    locked copies), ms per call then (same graph: it reads only the 8-bit copies), the error against the unparked
+    call's output, and the seconds of bringing them back (an eager use) and of parking them again unchanged (no copy)."""
+    layers = [module for module in unet.modules() if q.is_quantized(module)]
     before = allocated_gib(device)
-    compiled.park_weights = True
     try:
-        run_compiled()  # parks
+        moved, park_s = ub.wall_seconds(lambda: host_memory.park(layers), device)
         after = allocated_gib(device)
         parked_out = run_compiled()
         ms = ub.timed_ms(run_compiled, device, repeat)
-        layers = host_memory.parked_layers(unet)
         back_s = ub.wall_seconds(lambda: host_memory.unpark(layers), device)[1]
         again_s = ub.wall_seconds(lambda: host_memory.park(layers), device)[1]
     finally:
-        compiled.park_weights = False
         host_memory.unpark(unet.modules())
-    return {"allocated_gib": before, "allocated_gib_parked": after, "parked_ms": ms,
-            "parked_err_vs_unparked": ub.relative_error(parked_out, out), "unpark_s": back_s, "repark_s": again_s}
+    return {"allocated_gib": before, "allocated_gib_parked": after, "parked_gib": moved / 2**30, "park_s": park_s,
+            "parked_ms": ms, "parked_err_vs_unparked": ub.relative_error(parked_out, out), "unpark_s": back_s,
+            "repark_s": again_s}
+
+
+def host_ms(fn, device: torch.device, repeat: int) -> float:
+    """Median milliseconds the host spends in one call before it returns, the GPU idle at its start: where this
+    reaches the call's device time, the host (Python, guards, launches), not the GPU, sets the pace."""
+    samples = []
+    for _ in range(repeat):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        samples.append(ub.wall_seconds(fn, torch.device("cpu"))[1] * 1e3)
+    return statistics.median(samples)
+
+
+def host_profile(fn, calls: int, top: int = 14) -> str:
+    """``--host-profile``: where the host's time in ``calls`` calls goes, by Python function (cProfile, own time)."""
+    import cProfile
+    import io
+    import pstats
+
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(calls):
+        fn()
+    profiler.disable()
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(top)
+    return text.getvalue()
+
+
+VARIANTS = {
+    # name: (format, Inductor config patches, static fp8 input scales, fp8 fast accumulation)
+    "int8": ("int8", {}, False, False),
+    "fp8": ("fp8", {}, False, False),
+    "int8-fused-mul": ("int8", {"force_fuse_int_mm_with_mul": True}, False, False),
+    "fp8-static": ("fp8", {}, True, False),
+    "fp8-static-fast-accum": ("fp8", {}, True, True),
+}
+
+
+def layer_shapes(candidates: dict[str, torch.nn.Linear], run) -> dict[tuple[int, int, int], int]:
+    """(rows, in, out) of each candidate's GEMM in one ``run()``, and how many layers have it."""
+    shapes: dict[tuple[int, int, int], int] = {}
+
+    def record(layer, inputs, output):
+        key = (inputs[0].reshape(-1, layer.in_features).shape[0], layer.in_features, layer.out_features)
+        shapes[key] = shapes.get(key, 0) + 1
+
+    handles = [layer.register_forward_hook(record) for layer in candidates.values()]
+    try:
+        run()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return shapes
+
+
+def gemm_rows(shapes: dict[tuple[int, int, int], int], device: torch.device, repeat: int) -> list[dict]:
+    """``--gemms``: each shape's GEMM timed alone in each precision, ms per GEMM; a last row sums one call's."""
+    fp8 = q.unsupported_reason("fp8", device) is None
+    rows = []
+    for (m, k, n), count in sorted(shapes.items(), key=lambda item: -item[0][0] * item[0][1] * item[0][2] * item[1]):
+        x = torch.randn(m, k, device=device, dtype=torch.float16 if device.type == "cuda" else torch.float32)
+        w = torch.randn(n, k, device=device, dtype=x.dtype) / k**0.5
+        bias = torch.randn(n, device=device, dtype=x.dtype)
+        exact = torch.nn.functional.linear(x, w, bias)
+        row = {"rows": m, "in": k, "out": n, "layers": count,
+               "fp16_ms": ub.timed_ms(lambda: torch.nn.functional.linear(x, w, bias), device, repeat)}
+        xi, xs = q.quantize_rows(x, "int8")
+        wi, ws = q.quantize_weight(w, "int8")
+        row["int8_ms"] = ub.timed_ms(lambda: torch._int_mm(xi, wi.t()), device, repeat)
+        if fp8:
+            xr, rs = q.quantize_rows(x, "fp8")
+            wr, wrs = q.quantize_weight(w, "fp8")
+            row["fp8_rowwise_ms"] = ub.timed_ms(lambda: torch._scaled_mm(
+                xr, wr.t(), scale_a=rs, scale_b=wrs[None, :], out_dtype=torch.bfloat16), device, repeat)
+            wt, wts = q.quantize_weight(w, "fp8", per_tensor=True)
+            xts = (x.float().abs().amax() / 448.0).reshape(())
+            xt = (x.float() / xts).to(torch.float8_e4m3fn)
+            for label, fast in (("fp8_tensor_ms", False), ("fp8_tensor_fast_ms", True)):
+                def tensor_mm(fast=fast):
+                    return torch._scaled_mm(xt, wt.t(), scale_a=xts, scale_b=wts, bias=bias, out_dtype=x.dtype,
+                                            use_fast_accum=fast)
+                row[label] = ub.timed_ms(tensor_mm, device, repeat)
+                row[label.replace("_ms", "_err")] = ub.relative_error(tensor_mm(), exact)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    totals = {"rows": "per call", "in": "", "out": "", "layers": sum(shapes.values())}
+    for key in rows[0] if rows else ():
+        if key.endswith("_ms"):
+            totals[key] = sum(row[key] * row["layers"] for row in rows)
+    return rows + [totals]
 
 
 def run_case(name: str, args, device: torch.device) -> list[dict]:
@@ -94,13 +191,14 @@ def run_case(name: str, args, device: torch.device) -> list[dict]:
         eager_out = eager()
         eager_ms = ub.timed_ms(eager, device, args.repeat)
         candidates = q.candidate_layers(unet)
-        # (label, format, Inductor config patches, static fp8 input scales)
-        variants = [("unquantized", None, {}, False)] + [(f, f, {}, False) for f in args.formats]
-        if "int8" in args.formats and args.int8_fused_mul:
-            variants.append(("int8 fused-mul", "int8", {"force_fuse_int_mm_with_mul": True}, False))
-        if "fp8" in args.formats and args.fp8_static:
-            variants.append(("fp8 static", "fp8", {}, True))
-        for label, format, inductor, static in variants:
+        if args.gemms:
+            gemms = gemm_rows(layer_shapes(candidates, eager), device, args.repeat)
+            print(f"\n{name}: the candidate layers' GEMMs alone, ms (random data of one call's shapes)")
+            print(ub.markdown_table(gemms, [(c, "{}") for c in ("rows", "in", "out", "layers")] + [
+                (c, "{:.3f}" if c.endswith("_ms") else "{:.1e}") for c in gemms[0] if c.endswith(("_ms", "_err"))]),
+                flush=True)
+        variants = [("unquantized", (None, {}, False, False))] + [(v, VARIANTS[v]) for v in args.variants]
+        for label, (format, inductor, static, fast_accum) in variants:
             chosen, errors, amax = (), {}, {}
             if format is not None:
                 reason = q.unsupported_reason(format, device)
@@ -116,6 +214,7 @@ def run_case(name: str, args, device: torch.device) -> list[dict]:
                 with autocast:
                     return compiled(*inputs, **kwargs)
 
+            q.FP8_FAST_ACCUM = fast_accum  # read while tracing: a graph keeps the value it was compiled with
             with torch._inductor.config.patch(inductor):
                 out, compile_s = ub.wall_seconds(run_compiled, device)
             if compiled.failure:
@@ -135,9 +234,13 @@ def run_case(name: str, args, device: torch.device) -> list[dict]:
                 "weights_gib_no_masters": weights_gib(unet, masters_of_quantized=False),
                 "peak_gib": ub.peak_gib(run_compiled, device),
             })
+            rows[-1]["host_ms"] = host_ms(run_compiled, device, args.repeat)
             if args.park and format is not None:
-                rows[-1].update(parked(compiled, unet, run_compiled, out, device, args.repeat))
+                rows[-1].update(parked(unet, run_compiled, out, device, args.repeat))
             print(json.dumps(rows[-1]), flush=True)  # a run cut short by a timeout still leaves its rows
+            if args.host_profile:
+                print(f"\n{name} {label}: host time of {args.profile_calls} compiled calls by function\n"
+                      + host_profile(run_compiled, args.profile_calls), flush=True)
             if args.profile:
                 try:
                     rows[-1]["profile"] = kp.profile_calls(run_compiled, device, args.profile_calls)
@@ -157,15 +260,17 @@ def run_case(name: str, args, device: torch.device) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", choices=sorted(ub.CASES), default=["sdxl", "sd15"])
-    parser.add_argument("--formats", nargs="+", choices=q.FORMATS, default=list(q.FORMATS))
+    parser.add_argument("--variants", nargs="*", choices=sorted(VARIANTS), default=list(q.FORMATS),
+                        help="8-bit variants measured beside the unquantized call (default: int8 fp8)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--repeat", type=int, default=30)
     parser.add_argument("--threshold", type=float, help="a layer's own error above which it stays fp16 (default: per format)")
-    parser.add_argument("--int8-fused-mul", action="store_true", help="also int8 with Inductor's force_fuse_int_mm_with_mul")
-    parser.add_argument("--fp8-static", action="store_true", help="also fp8 with static per-tensor input scales")
+    parser.add_argument("--gemms", action="store_true", help="first, the candidate layers' GEMMs alone in each precision")
     parser.add_argument("--profile", action="store_true",
                         help="after each variant's timing, print where a compiled call's time goes, by kind of kernel")
+    parser.add_argument("--host-profile", action="store_true",
+                        help="after each variant's timing, print where the host's time in a compiled call goes")
     parser.add_argument("--profile-calls", type=int, default=5, help="compiled calls profiled per variant (default 5)")
     parser.add_argument("--park", action="store_true",
                         help="also hold the quantized layers' full-precision weights in host memory: memory and time")
@@ -179,10 +284,11 @@ def main() -> None:
     print(f"\ncard: {card}   torch: {torch.__version__}   options: {ub.describe_options(args.options)}")
     columns = [("model", "{}"), ("shape", "{}"), ("variant", "{}"), ("layers", "{}"), ("layer_err_median", "{:.1e}"),
                ("layer_err_max", "{:.1e}"), ("eager_ms", "{:.2f}"), ("compiled_ms", "{:.2f}"),
-               ("vs_fp16_compiled", "{:.2f}x"), ("err_vs_eager", "{:.1e}"), ("compile_s", "{:.1f}"),
+               ("vs_fp16_compiled", "{:.2f}x"), ("host_ms", "{:.2f}"), ("err_vs_eager", "{:.1e}"), ("compile_s", "{:.1f}"),
                ("weights_gib", "{:.2f}"), ("weights_gib_no_masters", "{:.2f}"), ("peak_gib", "{:.2f}")]
     if args.park:
-        columns += [("allocated_gib", "{:.2f}"), ("allocated_gib_parked", "{:.2f}"), ("parked_ms", "{:.2f}"),
+        columns += [("allocated_gib", "{:.2f}"), ("allocated_gib_parked", "{:.2f}"), ("parked_gib", "{:.2f}"),
+                    ("park_s", "{:.2f}"), ("parked_ms", "{:.2f}"),
                     ("parked_err_vs_unparked", "{:.1e}"), ("unpark_s", "{:.2f}"), ("repark_s", "{:.2f}")]
     print(ub.markdown_table(rows, columns))
     if args.profile:

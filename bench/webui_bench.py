@@ -16,7 +16,8 @@ Each prints a markdown table and appends its rows to ``--json``. Only the standa
   memory as webui's ``/sdapi/v1/memory`` reports it (torch's allocator, since webui started): eager runs first, so the
   peak after the script's runs is the higher of the two. Last, one image each way, same seed, compared pixel by pixel
   and by SSIM (``image_quality.py``). ``--quantize``: the script's requests with "Model Quantization(int8) Speed Up"
-  (the format webui's setting names), in every benchmark.
+  (the format webui's setting names), in every benchmark; ``speed`` then also measures the script's unquantized it/s,
+  last, in the same webui.
 - ``switch``: seconds webui takes to load another checkpoint (``sd_model_checkpoint``), eager webui against the script,
   where the switch also includes the first image after it (rebinding the compiled graph, 0 compiles expected). Both
   checkpoints are loaded once before, so webui's hashing of a checkpoint's first load counts in neither.
@@ -103,7 +104,8 @@ class WebUI:
         if "allocated" not in cuda:
             return {}
         gib = 1024 ** 3
-        return {"allocated peak": cuda["allocated"]["peak"] / gib, "reserved": cuda["reserved"]["current"] / gib,
+        return {"allocated": cuda["allocated"]["current"] / gib, "allocated peak": cuda["allocated"]["peak"] / gib,
+                "reserved": cuda["reserved"]["current"] / gib,
                 "device used": cuda["system"]["used"] / gib}
 
 
@@ -201,6 +203,12 @@ def speed(ui: WebUI, args) -> list[dict]:
     script_memory = ui.memory_gib()
     eager_image, script_image = (ui.image(script, steps=args.steps, **size) for script in (False, True))
     difference = abs(eager_image.astype(int) - script_image.astype(int))
+    unquantized_its = None
+    if args.quantize:  # last: its graphs and their memory must not count in the quantized rows above
+        ui.txt2img(True, [False], steps=args.steps, **size)  # compiles the unquantized graph
+        quantized_args, ui.script_args = ui.script_args, [False]
+        unquantized_its = steps_per_second(ui, args.repeat, True, args.steps, **size)[1]
+        ui.script_args = quantized_args
     from image_quality import ssim  # numpy, like ui.image
     row = {"bench": "speed", "checkpoint": args.checkpoint, "controlnet": args.controlnet,
            "size": f"{size['width']}x{size['height']}",
@@ -208,12 +216,16 @@ def speed(ui: WebUI, args) -> list[dict]:
            "script it/s": script_its, "first script request s": first_s, "first request": outcome,
            "eager memory GiB": eager_memory, "memory after script GiB": script_memory,
            "image difference mean": float(difference.mean()), "image difference max": int(difference.max()),
-           "image SSIM": ssim(script_image, eager_image), "quantize": args.quantize}
+           "image SSIM": ssim(script_image, eager_image), "quantize": args.quantize,
+           "script unquantized it/s": unquantized_its}
     with_unit = (f" + ControlNet {args.controlnet}" if args.controlnet else "") + (f", quantized ({args.quantize})" if args.quantize else "")
     print(f"\n| {args.checkpoint}{with_unit} {row['size']}, {args.steps} steps Euler a, batch 1 | eager | script | ratio |")
     print("|---|---|---|---|")
     print(f"| end to end, s | {eager_s:.2f} | {script_s:.2f} | {eager_s / script_s:.2f}x |")
     print(f"| it/s | {eager_its:.2f} | {script_its:.2f} | {script_its / eager_its:.2f}x |")
+    if unquantized_its is not None:
+        print(f"| it/s, the script unquantized (same webui) | | {unquantized_its:.2f} | "
+              f"quantized {script_its / unquantized_its:.2f}x |")
     print(f"| first script request: {outcome} | | {first_s:.1f} s | |")
     for key in eager_memory:
         print(f"| {key}, GiB | {eager_memory[key]:.2f} | {script_memory[key]:.2f} (max of both) | |")
@@ -353,8 +365,18 @@ def main() -> None:
     parser.add_argument("--controlnet", help="speed: with one unit of this ControlNet model (sd-webui-controlnet)")
     parser.add_argument("--quantize", nargs="?", const="auto", choices=["auto", "int8", "fp8"],
                         help="the script's requests with 'Model Quantization(int8) Speed Up', in this format (webui's "
-                        "setting, Settings > OneDiff; 'auto' keeps the unquantized graph where 8-bit measured slower)")
+                        "setting, Settings > OneDiff; 'auto': fp8 from compute capability 8.9, else int8)")
+    parser.add_argument("--webui-option", action="append", default=[], metavar="NAME=JSON",
+                        help="set this webui option (/sdapi/v1/options) before the bench, e.g. "
+                        "onediff_quantized_weights_in_host_memory=true")
     args = parser.parse_args()
+    options = {}
+    for item in args.webui_option:
+        name, _, value = item.partition("=")
+        try:
+            options[name] = json.loads(value)
+        except json.JSONDecodeError:
+            parser.error(f"--webui-option {item!r}: the value must be JSON (true, 3, \"text\")")
     started = None
     if args.start:
         import webui_start
@@ -365,7 +387,9 @@ def main() -> None:
     try:
         ui = WebUI(args.url, [True] if args.quantize else None)
         if args.quantize:
-            ui.post("/sdapi/v1/options", {"onediff_quantization_format": args.quantize})
+            options["onediff_quantization_format"] = args.quantize
+        if options:
+            ui.post("/sdapi/v1/options", options)
         rows = run_bench(ui, args, started)
     finally:
         if started is not None:

@@ -180,6 +180,9 @@ class CompiledUNet(SharedModule):
         self._value_recompile_allowed = True
         self._witness: tuple[torch.nn.Module, float | None] | None = None
         """A quantized layer and its static input maximum: ``quantization.is_stale`` on it shows a checkpoint load."""
+        self._input_scales_stale = False
+        """Static fp8 input scales (``Quantization.input_amax``) measured on other weights: the next call measures them
+        again (``quantization.calibrated``) before it runs compiled."""
         self.park_weights = False
         """With quantization: hold the quantized layers' full-precision weights in host memory while compiled calls
         need only their 8-bit copies (``host_memory.park``); they come back for any eager use."""
@@ -215,6 +218,7 @@ class CompiledUNet(SharedModule):
         if plan is None:
             return 0
         written = quantization.apply(self.eager, plan)
+        self._input_scales_stale |= bool(written) and plan.input_amax is not None
         # A tuple, not the module itself: nn.Module would register a module attribute in the shared _modules.
         largest = plan.input_amax[0] if plan.input_amax else None
         self._witness = (self.eager.get_submodule(plan.layers[0]), largest) if plan.layers else None
@@ -229,7 +233,13 @@ class CompiledUNet(SharedModule):
         plan = self.backend.quantization
         layers = [self.eager.get_submodule(name) for name in plan.layers]
         if self.park_weights:
-            moved = host_memory.park(layers)
+            try:
+                moved = host_memory.park(layers)
+            except RuntimeError as error:  # page-locked host memory is limited (WSL, small RAM): keep them on the GPU
+                log.warning("OneDiff: the full-precision weights stay in GPU memory: no room in page-locked host memory "
+                            "(%s); free CPU memory, or turn the setting off", error_summary(error))
+                self.park_weights = False
+                return
             if moved:
                 log.info("OneDiff: %.2f GiB of full-precision weights moved to host memory", moved / 2**30)
         else:
@@ -306,7 +316,8 @@ class CompiledUNet(SharedModule):
 
     def _quantize(self, args, kwargs) -> None:
         """The first call of a structure chooses its layers on its own inputs, before anything is compiled. Later calls
-        check one witness layer: a checkpoint loaded in place (a refiner, between two steps) changes every weight."""
+        check one witness layer: a checkpoint loaded in place (a refiner, between two steps) changes every weight.
+        After the 8-bit copies were rewritten for changed weights, static input scales are measured again."""
         if self.backend.quantization is None:
             reason = None
             try:
@@ -322,8 +333,21 @@ class CompiledUNet(SharedModule):
                 self.run_eagerly(reason)
                 return
             self.requantize()
-        elif self._witness is not None and quantization.is_stale(*self._witness):
+            self._input_scales_stale = False  # the plan measured them on this call's weights
+            return
+        if self._witness is not None and quantization.is_stale(*self._witness):
             self.requantize()
+        if self._input_scales_stale:
+            self._calibrate(args, kwargs)
+
+    def _calibrate(self, args, kwargs) -> None:
+        """Measures the static input scales again on this call's inputs, eagerly (as ``plan`` does), with every weight
+        on the device, and rewrites the 8-bit copies whose scale changed."""
+        host_memory.unpark(self.eager.modules())
+        self.backend.quantization = quantization.calibrated(
+            self.backend.quantization, self.eager, lambda: self.eager(*args, **kwargs))
+        self.requantize()
+        self._input_scales_stale = False  # the copies just written are for the maxima just measured
 
     def _compile_ended(self) -> None:
         if self.on_compile_end is not None:

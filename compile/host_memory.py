@@ -100,7 +100,8 @@ def unpark(layers: Iterable[torch.nn.Module]) -> None:
         if layer.weight.data_ptr() != copy.data_ptr():
             del layer.__dict__[HOST_COPY]
             continue
-        replace_weight_data(layer, copy.to(device, non_blocking=copy.is_pinned()))
+        # A copy also where the host is the device: the host copy is a view into a buffer shared with other layers.
+        replace_weight_data(layer, copy.to(device, non_blocking=copy.is_pinned(), copy=True))
         layer.__dict__[HOST_COPY] = (copy, weight_source(layer.weight))
 
 

@@ -12,12 +12,18 @@ output channel, and for static fp8 input scales (``Quantization.input_amax``) th
 stays the master: webui loads checkpoints and fuses LoRAs into it, and ``quantize`` writes the 8-bit copy again *into
 the same buffers*, so compiled graphs and CUDA-graph recordings that read them need no recompile; ``apply`` rewrites
 only the layers whose weight changed since their copy was written (``weight_source``: the tensor, its address and its
-in-place version counter). ``quantized_linear`` is the forward the compiled UNet runs for such a layer: each row of
-the input is scaled by its own absolute maximum (computed on the fly: the compiler fuses it into the kernel that
-produced the input), then one 8-bit GEMM, then both scales and the bias in its epilogue.
+in-place version counter). ``quantized_linear`` is the forward the compiled UNet runs for such a layer.
 
-Formats: ``int8`` (``torch._int_mm``, int32 accumulation; CUDA compute capability 8.0 and newer, and the CPU) and
-``fp8`` (e4m3, ``torch._scaled_mm`` with row-wise scales; compute capability 8.9 and newer).
+Formats:
+
+- ``int8`` (``torch._int_mm``, int32 accumulation; CUDA compute capability 8.0 and newer, and the CPU): each row of the
+  input is scaled by its own absolute maximum, computed on every call (the compiler fuses it into the kernel that
+  produced the input), the weight per output channel; one 8-bit GEMM, then both scales and the bias.
+- ``fp8`` (e4m3, ``torch._scaled_mm``; compute capability 8.9 and newer): static scales, one per tensor. The input's
+  comes from the largest value the layer saw in an eager call (``plan``, and ``calibrated`` after the weights
+  changed), so quantizing it is elementwise and fused into the kernel that produces it; cuBLAS's fp8 GEMM then writes
+  the model's dtype with the bias in its epilogue, accumulating fast (``FP8_FAST_ACCUM``): faster than dynamic row-wise
+  scales at the same error (README, Quantization).
 """
 from __future__ import annotations
 
@@ -45,6 +51,10 @@ MIN_CAPABILITY = {"int8": (8, 0), "fp8": (8, 9)}
 TRANSFORMER_BLOCKS = frozenset({"BasicTransformerBlock", "SpatialTransformer", "SpatialVideoTransformer"})
 MIN_ROWS = 17
 """``torch._int_mm`` needs more than 16 rows; every candidate sees at least one row per text token (77 and more)."""
+FP8_FAST_ACCUM = True
+"""Whether fp8 GEMMs with static input scales use fast accumulation (``use_fast_accum``: Hopper's tensor cores then skip
+the periodic promotion of partial sums to fp32): measured faster on Hopper at the same error (README, Quantization).
+Read when a graph is traced."""
 _INT8_MAX = 127.0
 _FP8_MAX = 448.0  # largest finite float8_e4m3fn
 
@@ -83,25 +93,12 @@ def unsupported_reason(format: str, device: torch.device) -> str | None:
     return None
 
 
-MEASURED_SLOWER = {
-    (9, 0): "8-bit measured slower than fp16 on Hopper cards (H200, torch 2.11: SDXL 1024 int8 0.82x, fp8 0.91x; "
-            "SD1.5 512 int8 0.93x the speed of the fp16 compiled UNet call)",
-}
-"""Compute capabilities where every 8-bit format ran slower than the fp16 compiled UNet (``bench/quant_bench.py``):
-"auto" does not quantize there."""
-
-
-def auto_format(device: torch.device) -> tuple[str | None, str | None]:
-    """The format "auto" picks, or (None, why) where it keeps the unquantized graph: what measured fastest on the
-    card's compute capability (``MEASURED_SLOWER``); on cards not measured yet, fp8 from compute capability 8.9 (Ada,
-    Blackwell), else int8 (Ampere, the CPU), by the cards' 8-bit rates."""
-    if device.type == "cuda":
-        capability = torch.cuda.get_device_capability(device)
-        if capability in MEASURED_SLOWER:
-            return None, MEASURED_SLOWER[capability]
-        if capability >= MIN_CAPABILITY["fp8"]:
-            return "fp8", None
-    return "int8", None
+def auto_format(device: torch.device) -> str:
+    """The format "auto" picks: fp8 from compute capability 8.9 (Ada, Hopper, Blackwell), which measured fastest on
+    Hopper (README, Quantization), else int8 (Ampere, the CPU)."""
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) >= MIN_CAPABILITY["fp8"]:
+        return "fp8"
+    return "int8"
 
 
 def candidate_layers(unet: torch.nn.Module) -> dict[str, torch.nn.Linear]:
@@ -149,7 +146,8 @@ def quantized_matmul(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.
     if input_scale is not None:
         quantized = _to_8bit(rows.float() / input_scale, format)
         out = torch._scaled_mm(quantized, weight.t(), scale_a=input_scale, scale_b=weight_scale,
-                               bias=None if bias is None else bias.to(out_dtype), out_dtype=out_dtype)
+                               bias=None if bias is None else bias.to(out_dtype), out_dtype=out_dtype,
+                               use_fast_accum=FP8_FAST_ACCUM)
         return out.reshape(*x.shape[:-1], weight.shape[0])
     quantized, row_scale = quantize_rows(rows, format)
     if format == "int8":
@@ -212,7 +210,7 @@ def quantize(layers: Iterable[torch.nn.Linear], format: str, input_amax: Iterabl
             weight, scale = quantize_weight(source, format, per_tensor=largest is not None)
             wanted = {QUANTIZED_WEIGHT: weight, WEIGHT_SCALE: scale}
             if largest is not None:
-                wanted[INPUT_SCALE] = torch.tensor(max(largest, 1e-6) * INPUT_MARGIN / _FP8_MAX, device=weight.device)
+                wanted[INPUT_SCALE] = torch.tensor(_input_scale(largest), device=weight.device)
             elif INPUT_SCALE in layer._buffers:
                 del layer._buffers[INPUT_SCALE]
             for name, value in wanted.items():
@@ -267,25 +265,11 @@ def relative_error(approx: torch.Tensor, exact: torch.Tensor) -> float:
     return ((approx.float() - exact).norm() / exact.norm().clamp(min=1e-12)).item()
 
 
-def measure_errors(layers: Mapping[str, torch.nn.Linear], format: str, run: Callable[[], object],
-                   input_amax: dict[str, float] | None = None) -> dict[str, float]:
-    """Each layer's own sensitivity: while ``run()`` calls the model (eagerly, unquantized), every layer's output is
-    compared with what the quantized layer (per-row input scales) would give for the same input; the worst relative
-    error over the calls. ``input_amax``, if given, receives each layer's largest absolute input value."""
-    errors = dict.fromkeys(layers, 0.0)
-
+def _each_input(layers: Mapping[str, torch.nn.Linear], run: Callable[[], object],
+                record: Callable[[str, torch.nn.Linear, torch.Tensor, torch.Tensor], None]) -> None:
+    """Calls ``record(name, layer, input, output)`` for every call of each layer while ``run()`` runs, unquantized."""
     def hook(name):
-        def compare(layer, inputs, output):
-            x = inputs[0]
-            if input_amax is not None:
-                input_amax[name] = max(input_amax.get(name, 0.0), x.detach().abs().amax().item())
-            if x.reshape(-1, x.shape[-1]).shape[0] < MIN_ROWS:
-                errors[name] = float("inf")  # the 8-bit kernel cannot take it
-                return
-            weight, scale = quantize_weight(layer.weight, format)
-            approx = quantized_matmul(x, weight, scale.to(x.device), layer.bias, output.dtype)
-            errors[name] = max(errors[name], relative_error(approx, output))
-        return compare
+        return lambda layer, inputs, output: record(name, layer, inputs[0], output)
 
     handles = [layer.register_forward_hook(hook(name)) for name, layer in layers.items()]
     try:
@@ -294,7 +278,46 @@ def measure_errors(layers: Mapping[str, torch.nn.Linear], format: str, run: Call
     finally:
         for handle in handles:
             handle.remove()
+
+
+def input_maxima(layers: Mapping[str, torch.nn.Linear], run: Callable[[], object]) -> dict[str, float]:
+    """Each layer's largest absolute input value while ``run()`` calls the model."""
+    maxima = dict.fromkeys(layers, 0.0)
+
+    def record(name, layer, x, output):
+        maxima[name] = max(maxima[name], x.detach().abs().amax().item())
+
+    _each_input(layers, run, record)
+    return maxima
+
+
+def measure_errors(layers: Mapping[str, torch.nn.Linear], format: str, run: Callable[[], object],
+                   input_amax: dict[str, float] | None = None) -> dict[str, float]:
+    """Each layer's own sensitivity: while ``run()`` calls the model (eagerly, unquantized), every layer's output is
+    compared with what the quantized layer would give for the same input (int8: per-row input scales; fp8: static
+    scales, the input's taken from this input); the worst relative error over the calls. ``input_amax``, if given,
+    receives each layer's largest absolute input value."""
+    errors = dict.fromkeys(layers, 0.0)
+
+    def record(name, layer, x, output):
+        largest = x.detach().abs().amax().item()
+        if input_amax is not None:
+            input_amax[name] = max(input_amax.get(name, 0.0), largest)
+        if x.reshape(-1, x.shape[-1]).shape[0] < MIN_ROWS:
+            errors[name] = float("inf")  # the 8-bit kernel cannot take it
+            return
+        static = format == "fp8"
+        weight, scale = quantize_weight(layer.weight, format, per_tensor=static)
+        input_scale = torch.tensor(_input_scale(largest), device=x.device) if static else None
+        approx = quantized_matmul(x, weight, scale.to(x.device), layer.bias, output.dtype, input_scale)
+        errors[name] = max(errors[name], relative_error(approx, output))
+
+    _each_input(layers, run, record)
     return errors
+
+
+def _input_scale(largest: float) -> float:
+    return max(largest, 1e-6) * INPUT_MARGIN / _FP8_MAX
 
 
 DEFAULT_THRESHOLDS = {"int8": 0.02, "fp8": 0.06}
@@ -309,6 +332,17 @@ def choose_layers(errors: Mapping[str, float], threshold: float) -> tuple[str, .
 
 def plan(unet: torch.nn.Module, format: str, run: Callable[[], object]) -> Quantization:
     """The layers of ``unet`` to quantize in ``format``: the candidates whose own error, measured while ``run()`` calls
-    ``unet`` eagerly once, is within ``DEFAULT_THRESHOLDS[format]``."""
-    errors = measure_errors(candidate_layers(unet), format, run)
-    return Quantization(format, choose_layers(errors, DEFAULT_THRESHOLDS[format]))
+    ``unet`` eagerly once, is within ``DEFAULT_THRESHOLDS[format]``; for fp8 with the static input maxima of that call."""
+    maxima: dict[str, float] = {}
+    errors = measure_errors(candidate_layers(unet), format, run, maxima)
+    layers = choose_layers(errors, DEFAULT_THRESHOLDS[format])
+    return Quantization(format, layers, tuple(maxima[name] for name in layers) if format == "fp8" else None)
+
+
+def calibrated(quantization: Quantization, unet: torch.nn.Module, run: Callable[[], object]) -> Quantization:
+    """``quantization`` with its static input maxima measured again while ``run()`` calls ``unet`` eagerly (its weights
+    changed: another checkpoint, a LoRA); the same layers."""
+    if quantization.input_amax is None:
+        return quantization
+    maxima = input_maxima({name: unet.get_submodule(name) for name in quantization.layers}, run)
+    return dataclasses.replace(quantization, input_amax=tuple(maxima[name] for name in quantization.layers))

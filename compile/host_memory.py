@@ -8,7 +8,7 @@ weight as a tensor goes on working: webui loading a checkpoint into it, ``state_
 to the GPU. What computes with it on the GPU would fail instead: the eager UNet's forward and webui's Lora fusing into
 it. Those first bring the weights back (``unpark``): the engine before an eager call, the LoRA glue before fusing, and,
 after a generation, the eager UNet's own forward (``guard``), since webui may then run it eagerly. A weight brought back
-keeps its host copy: parking it again unchanged copies nothing.
+keeps its host copy: parking it again unchanged copies nothing, and changed (a LoRA) copies it into that same memory.
 """
 from __future__ import annotations
 
@@ -77,10 +77,17 @@ def park(layers: Iterable[torch.nn.Module]) -> int:
     stale = [layer for layer in moving
              if layer.__dict__.get(HOST_COPY, (None, None))[1] != weight_source(layer.weight)]
     on_gpu = any(layer.weight.is_cuda for layer in moving)
-    copies = host_copies([layer.weight.detach() for layer in stale], pin=on_gpu)
+    # A weight that changed since its last park (a LoRA) is written into its old host copy: page-locking new memory
+    # costs far more than the copy.
+    rewritable = [layer for layer in stale if HOST_COPY in layer.__dict__
+                  and _same_layout(layer.__dict__[HOST_COPY][0], layer.weight)]
+    for layer in rewritable:
+        layer.__dict__[HOST_COPY][0].copy_(layer.weight.detach(), non_blocking=on_gpu)
+    new = [layer for layer in stale if layer not in rewritable]
+    copies = host_copies([layer.weight.detach() for layer in new], pin=on_gpu)
     if on_gpu:
         torch.cuda.synchronize()  # the copies run asynchronously: done before anyone reads them
-    for layer, copy in zip(stale, copies):
+    for layer, copy in zip(new, copies):
         layer.__dict__[HOST_COPY] = (copy, None)
         LAYERS_WITH_HOST_COPIES.add(layer)
     moved = 0
@@ -89,6 +96,10 @@ def park(layers: Iterable[torch.nn.Module]) -> int:
         layer.__dict__[PARKED] = layer.weight.device
         replace_weight_data(layer, layer.__dict__[HOST_COPY][0])
     return moved
+
+
+def _same_layout(copy: torch.Tensor, weight: torch.Tensor) -> bool:
+    return (copy.shape, copy.dtype) == (weight.shape, weight.dtype)
 
 
 def unpark(layers: Iterable[torch.nn.Module]) -> None:

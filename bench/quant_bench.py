@@ -122,16 +122,11 @@ def layer_shapes(candidates: dict[str, torch.nn.Linear], run) -> dict[tuple[int,
     """(rows, in, out) of each candidate's GEMM in one ``run()``, and how many layers have it."""
     shapes: dict[tuple[int, int, int], int] = {}
 
-    def record(layer, inputs, output):
-        key = (inputs[0].reshape(-1, layer.in_features).shape[0], layer.in_features, layer.out_features)
+    def record(name, layer, x, output):
+        key = (x.reshape(-1, layer.in_features).shape[0], layer.in_features, layer.out_features)
         shapes[key] = shapes.get(key, 0) + 1
 
-    handles = [layer.register_forward_hook(record) for layer in candidates.values()]
-    try:
-        run()
-    finally:
-        for handle in handles:
-            handle.remove()
+    q.each_input(candidates, run, record)
     return shapes
 
 
@@ -146,8 +141,8 @@ def gemm_rows(shapes: dict[tuple[int, int, int], int], device: torch.device, rep
         exact = torch.nn.functional.linear(x, w, bias)
         row = {"rows": m, "in": k, "out": n, "layers": count,
                "fp16_ms": ub.timed_ms(lambda: torch.nn.functional.linear(x, w, bias), device, repeat)}
-        xi, xs = q.quantize_rows(x, "int8")
-        wi, ws = q.quantize_weight(w, "int8")
+        xi = q.quantize_rows(x, "int8")[0]
+        wi = q.quantize_weight(w, "int8")[0]
         row["int8_ms"] = ub.timed_ms(lambda: torch._int_mm(xi, wi.t()), device, repeat)
         if fp8:
             xr, rs = q.quantize_rows(x, "fp8")
@@ -155,8 +150,7 @@ def gemm_rows(shapes: dict[tuple[int, int, int], int], device: torch.device, rep
             row["fp8_rowwise_ms"] = ub.timed_ms(lambda: torch._scaled_mm(
                 xr, wr.t(), scale_a=rs, scale_b=wrs[None, :], out_dtype=torch.bfloat16), device, repeat)
             wt, wts = q.quantize_weight(w, "fp8", per_tensor=True)
-            xts = (x.float().abs().amax() / 448.0).reshape(())
-            xt = (x.float() / xts).to(torch.float8_e4m3fn)
+            xt, xts = q.quantize_weight(x, "fp8", per_tensor=True)  # one scale for the input, as a static one
             for label, fast in (("fp8_tensor_ms", False), ("fp8_tensor_fast_ms", True)):
                 def tensor_mm(fast=fast):
                     return torch._scaled_mm(xt, wt.t(), scale_a=xts, scale_b=wts, bias=bias, out_dtype=x.dtype,

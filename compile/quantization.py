@@ -265,7 +265,7 @@ def relative_error(approx: torch.Tensor, exact: torch.Tensor) -> float:
     return ((approx.float() - exact).norm() / exact.norm().clamp(min=1e-12)).item()
 
 
-def _each_input(layers: Mapping[str, torch.nn.Linear], run: Callable[[], object],
+def each_input(layers: Mapping[str, torch.nn.Linear], run: Callable[[], object],
                 record: Callable[[str, torch.nn.Linear, torch.Tensor, torch.Tensor], None]) -> None:
     """Calls ``record(name, layer, input, output)`` for every call of each layer while ``run()`` runs, unquantized."""
     def hook(name):
@@ -287,7 +287,7 @@ def input_maxima(layers: Mapping[str, torch.nn.Linear], run: Callable[[], object
     def record(name, layer, x, output):
         maxima[name] = max(maxima[name], x.detach().abs().amax().item())
 
-    _each_input(layers, run, record)
+    each_input(layers, run, record)
     return maxima
 
 
@@ -312,7 +312,7 @@ def measure_errors(layers: Mapping[str, torch.nn.Linear], format: str, run: Call
         approx = quantized_matmul(x, weight, scale.to(x.device), layer.bias, output.dtype, input_scale)
         errors[name] = max(errors[name], relative_error(approx, output))
 
-    _each_input(layers, run, record)
+    each_input(layers, run, record)
     return errors
 
 

@@ -23,7 +23,8 @@ def parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--compiler-cache", default="None", help="a saved compiler cache to load first")
     p.add_argument("--save-cache", default="", help="save what this request compiles under this name")
     p.add_argument("--quantize", action="store_true",
-                   help="'Model Quantization(int8) Speed Up': 8-bit layers, format from Settings > OneDiff")
+                   help="'Model Quantization(int8) Speed Up': 8-bit layers, format from Settings > OneDiff "
+                        "(its default, auto, quantizes SDXL and keeps SD1.x/SD2.x unquantized)")
     return p
 
 

@@ -24,11 +24,13 @@ over the call's layers: what the GEMMs cost and the most 8 bits could save, befo
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import json
 import runpy
 import statistics
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -108,26 +110,51 @@ def host_profile(fn, calls: int, top: int = 14) -> str:
     return text.getvalue()
 
 
+def text_rows(rows: int, k: int, n: int) -> bool:
+    """A GEMM over the prompt's tokens (cross-attention's ``to_k``/``to_v``: 154 rows for SDXL at batch 2): too small
+    to gain from 8 bits, and each needs its own kernel to quantize its input."""
+    return rows < 512
+
+
+def small_gemm(rows: int, k: int, n: int) -> bool:
+    """A GEMM with less work than SDXL's feed-forward ones (attention projections at 2048x1280x1280, 8192x640x640)."""
+    return rows * k * n < 2048 * 1280 * 2560
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    format: str | None
+    inductor: dict = dataclasses.field(default_factory=dict)
+    """Inductor config patches while it compiles."""
+    static: bool = False
+    """fp8 with static input scales (``Quantization.input_amax``)."""
+    fast_accum: bool = False
+    """``quantization.FP8_FAST_ACCUM`` while the graph is traced."""
+    keep: Callable[[int, int, int], bool] | None = None
+    """Layers whose GEMM (rows, in, out) this returns True for stay unquantized, whatever their error."""
+
+
 VARIANTS = {
-    # name: (format, Inductor config patches, static fp8 input scales, fp8 fast accumulation)
-    "int8": ("int8", {}, False, False),
-    "fp8": ("fp8", {}, False, False),
-    "int8-fused-mul": ("int8", {"force_fuse_int_mm_with_mul": True}, False, False),
-    "fp8-static": ("fp8", {}, True, False),
-    "fp8-static-fast-accum": ("fp8", {}, True, True),
+    "int8": Variant("int8"),
+    "fp8": Variant("fp8"),
+    "int8-fused-mul": Variant("int8", {"force_fuse_int_mm_with_mul": True}),
+    "fp8-static": Variant("fp8", static=True),
+    "fp8-static-fast-accum": Variant("fp8", static=True, fast_accum=True),
+    "fp8-static-fast-accum-text-fp16": Variant("fp8", static=True, fast_accum=True, keep=text_rows),
+    "fp8-static-fast-accum-small-fp16": Variant("fp8", static=True, fast_accum=True,
+                                                keep=lambda *gemm: text_rows(*gemm) or small_gemm(*gemm)),
 }
 
 
-def layer_shapes(candidates: dict[str, torch.nn.Linear], run) -> dict[tuple[int, int, int], int]:
-    """(rows, in, out) of each candidate's GEMM in one ``run()``, and how many layers have it."""
-    shapes: dict[tuple[int, int, int], int] = {}
+def layer_gemms(candidates: dict[str, torch.nn.Linear], run) -> dict[str, tuple[int, int, int]]:
+    """Each candidate's GEMM (rows, in, out) in one ``run()``."""
+    gemms = {}
 
     def record(name, layer, x, output):
-        key = (x.reshape(-1, layer.in_features).shape[0], layer.in_features, layer.out_features)
-        shapes[key] = shapes.get(key, 0) + 1
+        gemms[name] = (x.reshape(-1, layer.in_features).shape[0], layer.in_features, layer.out_features)
 
     q.each_input(candidates, run, record)
-    return shapes
+    return gemms
 
 
 def gemm_rows(shapes: dict[tuple[int, int, int], int], device: torch.device, repeat: int) -> list[dict]:
@@ -185,14 +212,16 @@ def run_case(name: str, args, device: torch.device) -> list[dict]:
         eager_out = eager()
         eager_ms = ub.timed_ms(eager, device, args.repeat)
         candidates = q.candidate_layers(unet)
+        shapes = layer_gemms(candidates, eager)
         if args.gemms:
-            gemms = gemm_rows(layer_shapes(candidates, eager), device, args.repeat)
+            gemms = gemm_rows(collections.Counter(shapes.values()), device, args.repeat)
             print(f"\n{name}: the candidate layers' GEMMs alone, ms (random data of one call's shapes)")
             print(ub.markdown_table(gemms, [(c, "{}") for c in ("rows", "in", "out", "layers")] + [
                 (c, "{:.3f}" if c.endswith("_ms") else "{:.1e}") for c in gemms[0] if c.endswith(("_ms", "_err"))]),
                 flush=True)
-        variants = [("unquantized", (None, {}, False, False))] + [(v, VARIANTS[v]) for v in args.variants]
-        for label, (format, inductor, static, fast_accum) in variants:
+        variants = [("unquantized", Variant(None))] + [(v, VARIANTS[v]) for v in args.variants]
+        for label, variant in variants:
+            format = variant.format
             chosen, errors, amax = (), {}, {}
             if format is not None:
                 reason = q.unsupported_reason(format, device)
@@ -201,15 +230,17 @@ def run_case(name: str, args, device: torch.device) -> list[dict]:
                     continue
                 errors = q.measure_errors(candidates, format, eager, amax)
                 chosen = q.choose_layers(errors, args.threshold or q.DEFAULT_THRESHOLDS[format])
-                q.apply(unet, q.Quantization(format, chosen, tuple(amax[n] for n in chosen) if static else None))
+                if variant.keep is not None:
+                    chosen = tuple(n for n in chosen if not variant.keep(*shapes[n]))
+                q.apply(unet, q.Quantization(format, chosen, tuple(amax[n] for n in chosen) if variant.static else None))
             compiled = CompiledUNet(unet, args.options)
 
             def run_compiled():
                 with autocast:
                     return compiled(*inputs, **kwargs)
 
-            q.FP8_FAST_ACCUM = fast_accum  # read while tracing: a graph keeps the value it was compiled with
-            with torch._inductor.config.patch(inductor):
+            q.FP8_FAST_ACCUM = variant.fast_accum  # read while tracing: a graph keeps the value it was compiled with
+            with torch._inductor.config.patch(variant.inductor):
                 out, compile_s = ub.wall_seconds(run_compiled, device)
             if compiled.failure:
                 print(f"{name} {label}: {compiled.failure}")
@@ -251,6 +282,13 @@ def run_case(name: str, args, device: torch.device) -> list[dict]:
     return rows
 
 
+def dynamo_setting(text: str) -> tuple[str, object]:
+    name, _, value = text.partition("=")
+    if not hasattr(torch._dynamo.config, name):
+        raise argparse.ArgumentTypeError(f"torch._dynamo.config has no {name!r}")
+    return name, json.loads(value)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", choices=sorted(ub.CASES), default=["sdxl", "sd15"])
@@ -269,13 +307,17 @@ def main() -> None:
     parser.add_argument("--park", action="store_true",
                         help="also hold the quantized layers' full-precision weights in host memory: memory and time")
     parser.add_argument("--option", type=ub.parse_option, action="append", default=[], metavar="NAME=VALUE")
+    parser.add_argument("--dynamo", type=dynamo_setting, action="append", default=[], metavar="NAME=JSON",
+                        help="a torch._dynamo.config value for the whole run, e.g. use_recursive_dict_tags_for_guards=true")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     args.options = CompileOptions(**dict(args.option))
     device = torch.device(args.device)
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    rows = [row for name in args.models for row in run_case(name, args, device)]
-    print(f"\ncard: {card}   torch: {torch.__version__}   options: {ub.describe_options(args.options)}")
+    with torch._dynamo.config.patch(dict(args.dynamo)):
+        rows = [row for name in args.models for row in run_case(name, args, device)]
+    dynamo = "".join(f"   dynamo: {name}={value}" for name, value in args.dynamo)
+    print(f"\ncard: {card}   torch: {torch.__version__}   options: {ub.describe_options(args.options)}{dynamo}")
     columns = [("model", "{}"), ("shape", "{}"), ("variant", "{}"), ("layers", "{}"), ("layer_err_median", "{:.1e}"),
                ("layer_err_max", "{:.1e}"), ("eager_ms", "{:.2f}"), ("compiled_ms", "{:.2f}"),
                ("vs_fp16_compiled", "{:.2f}x"), ("host_ms", "{:.2f}"), ("err_vs_eager", "{:.1e}"), ("compile_s", "{:.1f}"),

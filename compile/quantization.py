@@ -93,9 +93,12 @@ def unsupported_reason(format: str, device: torch.device) -> str | None:
     return None
 
 
-def auto_format(device: torch.device) -> str:
-    """The format "auto" picks: fp8 from compute capability 8.9 (Ada, Hopper, Blackwell), which measured fastest on
-    Hopper (README, Quantization), else int8 (Ampere, the CPU)."""
+def auto_format(device: torch.device, sdxl: bool) -> str | None:
+    """The format "auto" picks, None for none. SDXL-family UNets: fp8 from compute capability 8.9 (Ada, Hopper,
+    Blackwell), which measured fastest on Hopper, else int8 (Ampere, the CPU). SD1.x and SD2.x (``sdxl`` False) stay
+    unquantized: SD1.5's GEMMs at 512 are too small for 8 bits to gain (README, Quantization; SD2.x not measured)."""
+    if not sdxl:
+        return None
     if device.type == "cuda" and torch.cuda.get_device_capability(device) >= MIN_CAPABILITY["fp8"]:
         return "fp8"
     return "int8"

@@ -104,10 +104,12 @@ def test_measured_errors_choose_the_layers():
 
 
 def test_formats(monkeypatch):
-    assert q.auto_format(torch.device("cpu")) == "int8"
+    assert q.auto_format(torch.device("cpu"), sdxl=True) == "int8"
+    assert q.auto_format(torch.device("cpu"), sdxl=False) is None
     for capability, format in [((8, 0), "int8"), ((8, 6), "int8"), ((8, 9), "fp8"), ((9, 0), "fp8"), ((12, 0), "fp8")]:
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device, capability=capability: capability)
-        assert q.auto_format(torch.device("cuda", 0)) == format, capability
+        assert q.auto_format(torch.device("cuda", 0), sdxl=True) == format, capability
+        assert q.auto_format(torch.device("cuda", 0), sdxl=False) is None, "SD1.5: measured no faster"
     assert q.unsupported_reason("int8", torch.device("cpu")) is None
     assert "compute capability 8.9" in q.unsupported_reason("fp8", torch.device("cpu"))
     with pytest.raises(ValueError, match="quantization"):

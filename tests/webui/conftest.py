@@ -3,7 +3,7 @@
 Fixture ``webui`` (session scope) -> webui_harness.WebUI, started, with:
   base_url, data_dir, log_path, checkpoints {name: path}, loras {name: path},
   restart(extra_args=None, env=None), extra_env, stop(), start(), select_checkpoint(name),
-  txt2img(**payload) -> (images, json), img2img(init_image, **payload), options(), set_options(**opts), scripts(), get(path), post(path, json), log_text().
+  txt2img(**payload) -> (images, json), img2img(init_image, **payload), options(), set_options(**opts), options_set(**opts) (a with block), scripts(), get(path), post(path, json), log_text().
 
 Everything here is skipped when SD_WEBUI_PATH is unset or is not a webui checkout, unless ONEDIFF_REQUIRE_WEBUI is set
 (tests/run.sh sets it): then the run fails with the reason.

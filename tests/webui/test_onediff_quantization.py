@@ -7,8 +7,10 @@ their SSIM against eager webui's image of the same request is at least MIN_SSIM 
 quantized generation that compiles nothing reads ``OneDiff: reused, int8 N layers``; N is the same for every
 generation of the structure (the layers are chosen once).
 
-The module compiles tiny SD1.5 twice (unquantized, then int8); every later request reuses one of those graphs. It
-restarts webui when it ends, so that its compiled entries do not count in later modules' registries.
+The module compiles tiny SD1.5 twice (unquantized, then int8), and every later SD1.5 request reuses one of those graphs;
+its last test compiles tiny SDXL the same two ways. It restarts webui when it ends, so that its compiled entries do not
+count in later modules' registries. The format setting is int8 throughout, except where a test says otherwise: its
+default, "auto", keeps SD1.x unquantized.
 """
 from __future__ import annotations
 
@@ -70,6 +72,7 @@ def assert_quantization_changed(image, unquantized, what: str) -> None:
 def ui(webui):
     webui.select_checkpoint("tiny-sd15-a")
     assert webui.options().get(FORMAT_OPTION) == "auto", "the format setting is missing or not 'auto'"
+    webui.set_options(**{FORMAT_OPTION: "int8"})  # "auto" keeps SD1.x unquantized (test_the_checked_box_compiles_...)
     yield webui
     webui.set_options(**{FORMAT_OPTION: "auto"})
     webui.restart()
@@ -127,8 +130,7 @@ def test_full_precision_weights_in_cpu_memory(on_a, first):
     on the CPU, host memory is all there is: the GPU memory it saves is measured by ``bench/quant_bench.py``). The
     same images, with and without a LoRA, which comes and goes through the parked weights; webui's eager generation
     after it brings the weights back first."""
-    on_a.set_options(**{HOST_MEMORY_OPTION: True})
-    try:
+    with on_a.options_set(**{HOST_MEMORY_OPTION: True}):
         image, text = generate(on_a, QUANTIZED)
         layers = quantized_layers(first["text"], "compiled")
         assert field(text) == f"reused, int8 {layers} layers (full precision in CPU memory)", text
@@ -139,8 +141,6 @@ def test_full_precision_weights_in_cpu_memory(on_a, first):
         assert np.array_equal(again, first["quantized"]), f"LoRA not removed exactly: {difference(again, first['quantized'])}"
         eager, _ = generate(on_a)
         assert np.array_equal(eager, first["eager"]), difference(eager, first["eager"])
-    finally:
-        on_a.set_options(**{HOST_MEMORY_OPTION: False})
     reference, _ = generate(on_a, QUANTIZED, prompt=f"{PROMPT} {LORA}")
     assert np.array_equal(with_lora, reference), f"LoRA with parked weights: {difference(with_lora, reference)}"
 
@@ -164,13 +164,16 @@ def test_same_architecture_checkpoint_switch(ui, first):
     assert np.array_equal(image, first["quantized"]), f"back on tiny-sd15-a: {difference(image, first['quantized'])}"
 
 
-def test_a_format_the_device_cannot_run_compiles_unquantized_and_says_why(on_a, first):
-    on_a.set_options(**{FORMAT_OPTION: "fp8"})
-    try:
+@pytest.mark.parametrize("format, why", [
+    ("fp8", "fp8 quantization needs an NVIDIA GPU of compute capability 8.9 or newer"),
+    ("auto", "the format 'auto' quantizes SDXL only (8 bits measured no faster on SD1.5)"),
+], ids=["fp8 on the CPU", "auto on SD1.5"])
+def test_the_checked_box_compiles_unquantized_and_says_why(on_a, first, format, why):
+    """A format the device cannot run, and the default, "auto", on SD1.5 (it quantizes SDXL only: README,
+    Quantization): the unquantized compiled image, and the infotext says why (int8 quantizes it: the tests above)."""
+    with on_a.options_set(**{FORMAT_OPTION: format}):
         image, text = generate(on_a, QUANTIZED)
-    finally:
-        on_a.set_options(**{FORMAT_OPTION: "auto"})
-    assert field(text) == "reused, not quantized: fp8 quantization needs an NVIDIA GPU of compute capability 8.9 or newer", text
+    assert field(text) == f"reused, not quantized: {why}", text
     assert np.array_equal(image, first["plain"]), f"not the unquantized compiled image: {difference(image, first['plain'])}"
 
 
@@ -179,3 +182,16 @@ def test_onediff_api_forms_turn_quantization_on(on_a, first, script_args):
     image, text = generate(on_a, script_args)
     assert quantized_layers(text) == quantized_layers(first["text"], "compiled")
     assert np.array_equal(image, first["quantized"]), difference(image, first["quantized"])
+
+
+def test_auto_quantizes_sdxl(ui):
+    """"auto" on an SDXL checkpoint: quantized, in int8 on the CPU (fp8 on cards of compute capability 8.9 and newer),
+    close to eager webui's image and not the unquantized compiled one."""
+    ui.select_checkpoint("tiny-sdxl")
+    with ui.options_set(**{FORMAT_OPTION: "auto"}):
+        eager, _ = generate(ui)
+        plain, _ = generate(ui, PLAIN)
+        quantized, text = generate(ui, QUANTIZED)
+    assert quantized_layers(text, "compiled") > 0, text
+    assert_similar(quantized, eager, "tiny SDXL, auto (int8) vs eager")
+    assert_quantization_changed(quantized, plain, "tiny SDXL, auto (int8) vs unquantized compiled")

@@ -17,6 +17,7 @@ Per instance, ``WebUI.extra_env`` (or ``restart(env=...)``) adds variables to we
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import os
 import shlex
@@ -381,6 +382,16 @@ class WebUI:
         r = self.post("/sdapi/v1/options", json=options)
         if r.status_code != 200:
             raise AssertionError(f"setting options {options} failed: HTTP {r.status_code}: {r.text[:2000]}")
+
+    @contextlib.contextmanager
+    def options_set(self, **options):
+        """``options`` set for the ``with`` block, then the values they had put back."""
+        before = self.options()
+        self.set_options(**options)
+        try:
+            yield
+        finally:
+            self.set_options(**{name: before[name] for name in options})
 
     def select_checkpoint(self, name: str) -> str:
         """Load checkpoint ``name`` (file stem, e.g. 'tiny-sd15-b') via /sdapi/v1/options; returns the loaded title."""

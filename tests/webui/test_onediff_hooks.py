@@ -130,8 +130,7 @@ def assert_hypertile(image, tiled, untiled, what: str) -> None:
 
 def test_hypertile_runs_eagerly_and_stays_active(ui):
     """Hypertile's wrappers stay on the model once installed; the script used to delete them for good."""
-    ui.set_options(**HYPERTILE)
-    try:
+    with ui.options_set(**HYPERTILE):
         tiled = plain(ui, **HYPERTILE_SIZE)
         ui.set_options(hypertile_enable_unet=False)
         untiled = plain(ui, **HYPERTILE_SIZE)
@@ -141,5 +140,3 @@ def test_hypertile_runs_eagerly_and_stays_active(ui):
         assert_eager_naming(text, "an instance forward on input_blocks.1.1.transformer_blocks.0.attn1",
                             "hypertile/hypertile.py")
         assert_hypertile(plain(ui, **HYPERTILE_SIZE), tiled, untiled, "eager Hypertile after the script")
-    finally:
-        ui.set_options(hypertile_enable_unet=False)

@@ -158,12 +158,9 @@ def test_lora_functional_runs_eagerly_and_says_why(sd15, loras):
     not run) a generation with LoRA completes eagerly, equals eager webui's image, and the infotext says why."""
     prompt = f"{PROMPT} <lora:odl-sd15-unet:1>"
     plain, _ = generate(sd15, PROMPT, script=False)
-    sd15.set_options(lora_functional=True)
-    try:
+    with sd15.options_set(lora_functional=True):
         image, info = generate(sd15, prompt, script=True)
         eager, _ = generate(sd15, prompt, script=False)
-    finally:
-        sd15.set_options(lora_functional=False)
     assert "Lora: use old method" in info and "Settings > Compatibility" in info, info  # where webui 1.10 lists it
     assert field(info, "OneDiff").startswith("eager") and "compile failed" not in field(info, "OneDiff"), info
     assert np.array_equal(image, eager), f"eager fallback differs from eager webui: {difference(image, eager)}"

@@ -145,11 +145,11 @@ def compile_options(quantization_format: str | None = None) -> CompileOptions:
     return CompileOptions(upcast_attention=bool(shared.opts.upcast_attn), quantization=quantization_format)
 
 
-def quantization_format(p: StableDiffusionProcessing) -> tuple[str | None, str | None]:
-    """The format the checked quantization box runs in (None: none), and, where the chosen format cannot run on
-    webui's device, the note for the infotext (the generation is compiled unquantized)."""
+def quantization_format(p: StableDiffusionProcessing, sdxl: bool) -> tuple[str | None, str | None]:
+    """The format the checked quantization box runs an SDXL-family (``sdxl``) or other UNet in (None: none), and, where
+    it quantizes nothing, the note for the infotext (the generation is compiled unquantized)."""
     setting = getattr(shared.opts, QUANTIZATION_FORMAT_OPTION, "auto")
-    format = quantization.auto_format(shared.device, shared.sd_model.is_sdxl) if setting == "auto" else setting
+    format = quantization.auto_format(shared.device, sdxl) if setting == "auto" else setting
     if format is None:
         note = f"not quantized: {AUTO_KEEPS_UNQUANTIZED}"
         report(p, f"{note}; generated with the unquantized compiled UNet. Choose int8 or fp8 in Settings > OneDiff to "
@@ -249,8 +249,9 @@ class Generation:
         self.errors = []  # why binding failed, for the infotext
         self.compile_counts = {}  # backend -> its number of compiles when this generation first used it
         self.control_models = []  # Lookup of each ControlNet model compiled in this generation
-        # The UNets' 8-bit format (not the ControlNet models'), or the note why the checked box quantized nothing.
-        self.quantization, self.quantization_note = quantization_format(p) if args.quantization else (None, None)
+        # sd_model.is_sdxl -> (the UNet's 8-bit format, or the note why the checked box quantized nothing), decided
+        # for the model each step samples with: process_images may load another checkpoint first.
+        self.quantization_formats = {}
 
     def bind(self, sd_model) -> None:
         """Errors here must not escape: webui's callback runner would print them and go on eagerly, unexplained."""
@@ -276,11 +277,12 @@ class Generation:
             self.refused.append((unet, f"not used for {name}"))
             self.update_infotext()
             return
+        format = self.format_for(sd_model)
         lookup = self.look_up(controlnet_glue.compiled_target(unet), recompile=self.args.always_recompile and not self.bound,
-                              quantization_format=self.quantization)
+                              quantization_format=format)
         print(f"OneDiff: {lookup.how} compiled UNet {type(unet).__module__}.{type(unet).__qualname__} for {name}")
         # ControlNet's own forward may compute with the UNet's layers outside the compiled graph.
-        lookup.compiled.park_weights = bool(self.quantization and controlnet_glue.compiled_target(unet) is unet
+        lookup.compiled.park_weights = bool(format and controlnet_glue.compiled_target(unet) is unet
                                             and getattr(shared.opts, QUANTIZED_WEIGHTS_IN_HOST_MEMORY_OPTION, False))
         lookup.compiled.before_call = lora_fusing(self.p, unet, lookup.compiled)
         # ControlNet models gain from compiling on CUDA only (CUDA graphs, fused kernels).
@@ -288,6 +290,14 @@ class Generation:
         model.diffusion_model = controlnet_glue.bound_module(unet, lookup.compiled, control_models)
         self.bound.append((model, unet, lookup))
         self.update_infotext()
+
+    def format_for(self, sd_model) -> str | None:
+        """The 8-bit format of ``sd_model``'s UNet (not of ControlNet models) in this generation, None for none."""
+        if not self.args.quantization:
+            return None
+        if sd_model.is_sdxl not in self.quantization_formats:
+            self.quantization_formats[sd_model.is_sdxl] = quantization_format(self.p, sd_model.is_sdxl)
+        return self.quantization_formats[sd_model.is_sdxl][0]
 
     def compile_control_model(self, control_model: torch.nn.Module) -> CompiledUNet:
         """A ControlNet model, compiled like a UNet (a structure of its own in the registry), counted in the infotext."""
@@ -333,13 +343,12 @@ class Generation:
         return ", ".join([*self.outcome, done, *self.quantized(), *control_models, *(note for _, note in self.refused if note)])
 
     def quantized(self) -> list[str]:
-        """What ran in 8 bits, e.g. ``int8 140 layers`` per structure, or why nothing did."""
-        if self.quantization_note:
-            return [self.quantization_note]
+        """What ran in 8 bits, e.g. ``int8 140 layers`` per structure, and why a checked box quantized a model not."""
+        notes = [note for _, note in self.quantization_formats.values() if note]
         compiled = [lookup.compiled for _, _, lookup in self.bound if lookup.compiled.backend.quantization is not None]
-        return list(dict.fromkeys(
+        return list(dict.fromkeys([*notes, *(
             f"{c.backend.quantization.format} {len(c.backend.quantization.layers)} layers"
-            + (" (full precision in CPU memory)" if c.park_weights else "") for c in compiled))
+            + (" (full precision in CPU memory)" if c.park_weights else "") for c in compiled)]))
 
     def update_infotext(self) -> None:
         # Webui renders extra_generation_params into each image's infotext after that image's sampling.

@@ -212,7 +212,7 @@ def run_case(name: str, args, device: torch.device) -> list[dict]:
         eager_out = eager()
         eager_ms = ub.timed_ms(eager, device, args.repeat)
         candidates = q.candidate_layers(unet)
-        shapes = layer_gemms(candidates, eager)
+        shapes = layer_gemms(candidates, eager) if args.gemms or any(VARIANTS[v].keep for v in args.variants) else {}
         if args.gemms:
             gemms = gemm_rows(collections.Counter(shapes.values()), device, args.repeat)
             print(f"\n{name}: the candidate layers' GEMMs alone, ms (random data of one call's shapes)")

@@ -151,15 +151,13 @@ def quantization_format(p: StableDiffusionProcessing, sdxl: bool) -> tuple[str |
     setting = getattr(shared.opts, QUANTIZATION_FORMAT_OPTION, "auto")
     format = quantization.auto_format(shared.device, sdxl) if setting == "auto" else setting
     if format is None:
-        note = f"not quantized: {AUTO_KEEPS_UNQUANTIZED}"
-        report(p, f"{note}; generated with the unquantized compiled UNet. Choose int8 or fp8 in Settings > OneDiff to "
-                  "quantize it anyway")
-        return None, note
-    reason = quantization.unsupported_reason(format, shared.device)
-    if reason is None:
-        return format, None
-    report(p, f"not quantized: {reason}; generated with the unquantized compiled UNet. Choose another format in "
-              "Settings > OneDiff, or uncheck 'Model Quantization(int8) Speed Up'")
+        reason, advice = AUTO_KEEPS_UNQUANTIZED, "Choose int8 or fp8 in Settings > OneDiff to quantize it anyway"
+    else:
+        reason = quantization.unsupported_reason(format, shared.device)
+        if reason is None:
+            return format, None
+        advice = "Choose another format in Settings > OneDiff, or uncheck 'Model Quantization(int8) Speed Up'"
+    report(p, f"not quantized: {reason}; generated with the unquantized compiled UNet. {advice}")
     return None, f"not quantized: {reason}"
 
 

@@ -72,9 +72,8 @@ def assert_quantization_changed(image, unquantized, what: str) -> None:
 def ui(webui):
     webui.select_checkpoint("tiny-sd15-a")
     assert webui.options().get(FORMAT_OPTION) == "auto", "the format setting is missing or not 'auto'"
-    webui.set_options(**{FORMAT_OPTION: "int8"})  # "auto" keeps SD1.x unquantized (test_the_checked_box_compiles_...)
-    yield webui
-    webui.set_options(**{FORMAT_OPTION: "auto"})
+    with webui.options_set(**{FORMAT_OPTION: "int8"}):  # "auto" keeps SD1.x unquantized (test_the_checked_box_...)
+        yield webui
     webui.restart()
 
 

@@ -130,6 +130,38 @@ def profile_calls(fn, device, calls: int, top: int = 8) -> dict:
     return summarize(kernels, calls, "CUDA" if cuda else "CPU self", top)
 
 
+def host_timeline(fn, calls: int = 5) -> dict:
+    """Where one call's time goes on a GPU before the GPU works, the GPU idle at the call's start; ms from the call's
+    start, medians of ``calls`` profiled calls: until the first CUDA-graph launch begins (``to_launch_ms``: Python,
+    Dynamo's guards, the engine's checks), in the launches (``launch_ms``: the driver submitting the graph's kernels),
+    until the GPU's first kernel starts (``to_gpu_ms``), and until the call returns (``returns_ms``)."""
+    import statistics
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    fn()
+    torch.cuda.synchronize()
+    samples = []
+    for _ in range(calls):
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            with record_function("onediff_timed_call"):
+                fn()
+            torch.cuda.synchronize()
+        events = prof.events()
+        call = next(event for event in events if event.name == "onediff_timed_call")
+        launches = [event for event in events if event.name.startswith("cudaGraphLaunch")]  # some CUDAs add "_v10000"
+        kernels = [event for event in events if event.device_type == torch.autograd.DeviceType.CUDA]
+        start = call.time_range.start
+        samples.append({
+            "to_launch_ms": (min(e.time_range.start for e in launches) - start) / 1e3 if launches else float("nan"),
+            "launch_ms": sum(e.time_range.elapsed_us() for e in launches) / 1e3,
+            "to_gpu_ms": (min(e.time_range.start for e in kernels) - start) / 1e3 if kernels else float("nan"),
+            "returns_ms": call.time_range.elapsed_us() / 1e3,
+        })
+    return {key: statistics.median(sample[key] for sample in samples) for key in samples[0]}
+
+
 def profile_table(summary: dict, title: str) -> str:
     """The categories (those with any kernel) and the costliest kernels, as two small markdown tables."""
     launches = "kernels" if summary["clock"] == "CUDA" else "operators"

@@ -5,6 +5,7 @@
     python bench/quant_bench.py --models sdxl --variants fp8-static fp8-static-fast-accum --profile --repeat 20
     python bench/quant_bench.py --park              # also with full-precision weights in host memory: GPU memory, time
     python bench/quant_bench.py --gemms --variants  # only the candidate layers' GEMMs, one table: the ceiling
+    python bench/quant_bench.py --models sdxl --variants fp8-static-fast-accum --host-timeline  # host time before the GPU
 
 For each format: every candidate layer's own error is measured on the call's inputs (``measure_errors``), the layers
 within the threshold are quantized, and the compiled UNet runs them in 8 bits. Error: ||out - eager fp16|| / ||eager
@@ -108,6 +109,10 @@ def host_profile(fn, calls: int, top: int = 14) -> str:
     text = io.StringIO()
     pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(top)
     return text.getvalue()
+
+
+TIMELINE = ("to_launch_ms", "launch_ms", "to_gpu_ms", "returns_ms")
+"""``--host-timeline``'s columns (``kernel_profile.host_timeline``)."""
 
 
 def text_rows(rows: int, k: int, n: int) -> bool:
@@ -263,6 +268,12 @@ def run_case(name: str, args, device: torch.device) -> list[dict]:
             if args.park and format is not None:
                 rows[-1].update(parked(unet, run_compiled, out, device, args.repeat))
             print(json.dumps(rows[-1]), flush=True)  # a run cut short by a timeout still leaves its rows
+            if args.host_timeline and device.type == "cuda":
+                try:
+                    rows[-1].update(kp.host_timeline(run_compiled, args.profile_calls))
+                    print(json.dumps({key: rows[-1][key] for key in TIMELINE}), flush=True)
+                except Exception as error:  # a profiler failure costs the timeline, not the other variants
+                    print(f"{name} {label}: host timeline failed: {type(error).__name__}: {error}", flush=True)
             if args.host_profile:
                 print(f"\n{name} {label}: host time of {args.profile_calls} compiled calls by function\n"
                       + host_profile(run_compiled, args.profile_calls), flush=True)
@@ -303,6 +314,8 @@ def main() -> None:
                         help="after each variant's timing, print where a compiled call's time goes, by kind of kernel")
     parser.add_argument("--host-profile", action="store_true",
                         help="after each variant's timing, print where the host's time in a compiled call goes")
+    parser.add_argument("--host-timeline", action="store_true",
+                        help="after each variant's timing, where a call's time goes before the GPU starts (GPU only)")
     parser.add_argument("--profile-calls", type=int, default=5, help="compiled calls profiled per variant (default 5)")
     parser.add_argument("--park", action="store_true",
                         help="also hold the quantized layers' full-precision weights in host memory: memory and time")
@@ -322,6 +335,8 @@ def main() -> None:
                ("layer_err_max", "{:.1e}"), ("eager_ms", "{:.2f}"), ("compiled_ms", "{:.2f}"),
                ("vs_fp16_compiled", "{:.2f}x"), ("host_ms", "{:.2f}"), ("err_vs_eager", "{:.1e}"), ("compile_s", "{:.1f}"),
                ("weights_gib", "{:.2f}"), ("weights_gib_no_masters", "{:.2f}"), ("peak_gib", "{:.2f}")]
+    if args.host_timeline:
+        columns += [(key, "{:.2f}") for key in TIMELINE]
     if args.park:
         columns += [("allocated_gib", "{:.2f}"), ("allocated_gib_parked", "{:.2f}"), ("parked_gib", "{:.2f}"),
                     ("park_s", "{:.2f}"), ("parked_ms", "{:.2f}"),

@@ -162,6 +162,60 @@ def host_timeline(fn, calls: int = 5) -> dict:
     return {key: statistics.median(sample[key] for sample in samples) for key in samples[0]}
 
 
+PHASES = ("engine_ms", "guards_ms", "to_replay_ms", "replay_ms", "after_ms")
+"""``host_phases``' columns."""
+
+
+def host_phases(compiled, fn, calls: int = 20) -> dict:
+    """Where the host's time in one call of ``compiled`` (a ``CompiledUNet`` that ``fn()`` calls) goes, timed with
+    ``time.perf_counter`` alone (a profiler's own overhead would swamp these phases); ms, medians of ``calls`` calls,
+    the GPU idle at each start: the engine's work before the compiled module (``engine_ms``: its checks and patches),
+    Dynamo until its guards passed (``guards_ms``; nan where torch has no guard hook), from there to the first CUDA
+    graph replay (``to_replay_ms``: AOTAutograd's and the CUDA-graph tree's wrappers), the replays (``replay_ms``: the
+    driver launching the graph) and the rest until ``fn`` returns (``after_ms``)."""
+    import statistics
+    import time
+
+    import torch
+
+    marks: dict[str, float] = {}
+    inner, replay = compiled._compiled, torch.cuda.CUDAGraph.replay
+
+    def entering(*args, **kwargs):
+        marks.setdefault("enter", time.perf_counter())
+        return inner(*args, **kwargs)
+
+    def replaying(graph):
+        marks.setdefault("replay", time.perf_counter())
+        replay(graph)
+        marks["replayed"] = time.perf_counter()
+
+    hook = getattr(torch._C._dynamo.eval_frame, "set_guard_complete_hook", None)
+    object.__setattr__(compiled, "_compiled", entering)
+    torch.cuda.CUDAGraph.replay = replaying
+    previous_hook = hook(lambda hit: marks.setdefault("guards", time.perf_counter())) if hook else None
+    samples = []
+    try:
+        for _ in range(calls):
+            torch.cuda.synchronize()
+            marks.clear()
+            start = time.perf_counter()
+            fn()
+            end = time.perf_counter()
+            guards = marks.get("guards", float("nan"))
+            samples.append({
+                "engine_ms": marks["enter"] - start, "guards_ms": guards - marks["enter"],
+                "to_replay_ms": marks["replay"] - (marks["enter"] if guards != guards else guards),
+                "replay_ms": marks["replayed"] - marks["replay"], "after_ms": end - marks["replayed"],
+            })
+    finally:
+        if hook:
+            hook(previous_hook)
+        torch.cuda.CUDAGraph.replay = replay
+        object.__setattr__(compiled, "_compiled", inner)
+    return {key: statistics.median(sample[key] for sample in samples) * 1e3 for key in PHASES}
+
+
 def profile_table(summary: dict, title: str) -> str:
     """The categories (those with any kernel) and the costliest kernels, as two small markdown tables."""
     launches = "kernels" if summary["clock"] == "CUDA" else "operators"

@@ -46,14 +46,15 @@ from sd_webui_onediff.compile.attention import SdpaAttention  # noqa: E402
 
 
 def weights_gib(unet: torch.nn.Module, *, masters_of_quantized: bool) -> float:
-    total = 0
+    """Each storage once: the members of a pack hold views into it (``quantization.PACKED_BUFFERS``)."""
+    storages = {}
     for module in unet.modules():
         quantized = q.is_quantized(module)
         for name, tensor in list(module._parameters.items()) + list(module._buffers.items()):
             if tensor is None or (quantized and name == "weight" and not masters_of_quantized):
                 continue
-            total += tensor.numel() * tensor.element_size()
-    return total / 2**30
+            storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+    return sum(storages.values()) / 2**30
 
 
 def allocated_gib(device: torch.device) -> float:
@@ -137,6 +138,8 @@ class Variant:
     """``quantization.FP8_FAST_ACCUM`` while the graph is traced."""
     keep: Callable[[int, int, int], bool] | None = None
     """Layers whose GEMM (rows, in, out) this returns True for stay unquantized, whatever their error."""
+    packed: bool = True
+    """Projections reading one input packed into one GEMM (``quantization.projection_packs``), as the engine does."""
 
 
 VARIANTS = {
@@ -145,6 +148,7 @@ VARIANTS = {
     "int8-fused-mul": Variant("int8", {"force_fuse_int_mm_with_mul": True}),
     "fp8-static": Variant("fp8", static=True),
     "fp8-static-fast-accum": Variant("fp8", static=True, fast_accum=True),
+    "fp8-static-fast-accum-unpacked": Variant("fp8", static=True, fast_accum=True, packed=False),
     "fp8-static-fast-accum-text-fp16": Variant("fp8", static=True, fast_accum=True, keep=text_rows),
     "fp8-static-fast-accum-small-fp16": Variant("fp8", static=True, fast_accum=True,
                                                 keep=lambda *gemm: text_rows(*gemm) or small_gemm(*gemm)),
@@ -237,7 +241,8 @@ def run_case(name: str, args, device: torch.device) -> list[dict]:
                 chosen = q.choose_layers(errors, args.threshold or q.DEFAULT_THRESHOLDS[format])
                 if variant.keep is not None:
                     chosen = tuple(n for n in chosen if not variant.keep(*shapes[n]))
-                q.apply(unet, q.Quantization(format, chosen, tuple(amax[n] for n in chosen) if variant.static else None))
+                q.apply(unet, q.Quantization(format, chosen, tuple(amax[n] for n in chosen) if variant.static else None),
+                        sdp.modules if variant.packed else ())
             compiled = CompiledUNet(unet, args.options)
 
             def run_compiled():
@@ -271,7 +276,8 @@ def run_case(name: str, args, device: torch.device) -> list[dict]:
             if args.host_timeline and device.type == "cuda":
                 try:
                     rows[-1].update(kp.host_timeline(run_compiled, args.profile_calls))
-                    print(json.dumps({key: rows[-1][key] for key in TIMELINE}), flush=True)
+                    rows[-1].update(kp.host_phases(compiled, run_compiled, args.repeat))
+                    print(json.dumps({key: rows[-1][key] for key in TIMELINE + kp.PHASES}), flush=True)
                 except Exception as error:  # a profiler failure costs the timeline, not the other variants
                     print(f"{name} {label}: host timeline failed: {type(error).__name__}: {error}", flush=True)
             if args.host_profile:
@@ -336,7 +342,7 @@ def main() -> None:
                ("vs_fp16_compiled", "{:.2f}x"), ("host_ms", "{:.2f}"), ("err_vs_eager", "{:.1e}"), ("compile_s", "{:.1f}"),
                ("weights_gib", "{:.2f}"), ("weights_gib_no_masters", "{:.2f}"), ("peak_gib", "{:.2f}")]
     if args.host_timeline:
-        columns += [(key, "{:.2f}") for key in TIMELINE]
+        columns += [(key, "{:.2f}") for key in TIMELINE + kp.PHASES]
     if args.park:
         columns += [("allocated_gib", "{:.2f}"), ("allocated_gib_parked", "{:.2f}"), ("parked_gib", "{:.2f}"),
                     ("park_s", "{:.2f}"), ("parked_ms", "{:.2f}"),

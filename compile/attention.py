@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from .patching import patched
+from .quantization import projections
 
 ATTENTION_CLASS_NAMES = frozenset({"CrossAttention", "MemoryEfficientCrossAttention"})
 
@@ -26,11 +27,11 @@ def is_cross_attention(module: torch.nn.Module) -> bool:
 
 
 def sdpa_forward(self, x: torch.Tensor, context: torch.Tensor | None = None, mask=None, *, upcast: bool, **_unused):
-    """softmax(q k^T / sqrt(d)) v over ``self.heads`` heads, the function every webui attention variant computes."""
+    """softmax(q k^T / sqrt(d)) v over ``self.heads`` heads, the function every webui attention variant computes; the
+    projections packed for one 8-bit GEMM where the module holds a pack (``quantization.projections``)."""
     if mask is not None:
         raise NotImplementedError("attention masks are not used by the SD UNets and are not supported when compiled")
-    context = x if context is None else context
-    q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
+    q, k, v = projections(self, x, context)
     batch, tokens, inner_dim = q.shape
     head_dim = inner_dim // self.heads
     q, k, v = (t.view(batch, -1, self.heads, head_dim).transpose(1, 2) for t in (q, k, v))
@@ -71,6 +72,10 @@ class SdpaAttention:
 
     def __len__(self) -> int:
         return len(self._forwards)
+
+    @property
+    def modules(self) -> list[torch.nn.Module]:
+        return [module for module, _ in self._forwards]
 
     @property
     def classes(self) -> list[type]:

@@ -217,7 +217,7 @@ class CompiledUNet(SharedModule):
         plan = self.backend.quantization
         if plan is None:
             return 0
-        written = quantization.apply(self.eager, plan)
+        written = quantization.apply(self.eager, plan, self._attention.modules if self._attention else ())
         self._input_scales_stale |= bool(written) and plan.input_amax is not None
         # A tuple, not the module itself: nn.Module would register a module attribute in the shared _modules.
         largest = plan.input_amax[0] if plan.input_amax else None

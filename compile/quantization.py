@@ -14,6 +14,15 @@ the same buffers*, so compiled graphs and CUDA-graph recordings that read them n
 only the layers whose weight changed since their copy was written (``weight_source``: the tensor, its address and its
 in-place version counter). ``quantized_linear`` is the forward the compiled UNet runs for such a layer.
 
+Packs: where an attention module's projections that read the same input are all quantized (q, k
+and v of a self-attention, k and v of a cross-attention, which read the text), their 8-bit weights are written into one
+tensor on the attention module (``PACKED_BUFFERS``) with one weight scale (int8: one per output channel, as alone; fp8:
+one for the pack, the largest member's) and one input scale (fp8: the largest member's input maximum), and each member's
+buffers are views into it. ``projections`` then computes them in one GEMM from one quantized input: fewer, larger GEMMs
+and kernels per call. Only for attention modules whose forward calls ``projections`` in compiled calls (the engine's
+``sdpa_forward``): anything else calling the members alone would give a graph views of one tensor as inputs of their
+own, which Dynamo refuses in a compiled region. A pack is written as a whole when any member's weight changed.
+
 Formats:
 
 - ``int8`` (``torch._int_mm``, int32 accumulation; CUDA compute capability 8.0 and newer, and the CPU): each row of the
@@ -38,7 +47,16 @@ INPUT_SCALE = "onediff_input_scale"
 INPUT_MARGIN = 2.0
 """Static input scales cover this multiple of the largest input value seen while calibrating (later steps, prompts
 and seeds reach further). fp8's exponent keeps small values' relative precision, so the margin costs little."""
-BUFFERS = frozenset({QUANTIZED_WEIGHT, WEIGHT_SCALE, INPUT_SCALE})
+LAYER_BUFFERS = (QUANTIZED_WEIGHT, WEIGHT_SCALE, INPUT_SCALE)
+PACKED_BUFFERS = ("onediff_packed_weight", "onediff_packed_weight_scale", "onediff_packed_input_scale")
+"""An attention module's buffers holding its projections' pack: the 8-bit weights [sum of outputs, in], their scale,
+and (fp8) the input's scale."""
+BUFFERS = frozenset(LAYER_BUFFERS + PACKED_BUFFERS)
+PACKED = "onediff_packed"
+"""An attention module's attribute while it holds a pack: the names of the projections in it, in the pack's order."""
+PROJECTION_PACKS = (("to_q", "to_k", "to_v"), ("to_k", "to_v"))
+"""Projections of one attention module that read the same input (k and v read the context, q too in a self-attention),
+packed where all of them are quantized, the first that fits."""
 OUTPUT_DTYPE = "onediff_output_dtype"
 """A quantized layer's attribute: its weight's dtype, which its output has. Kept beside the weight so that the compiled
 graph never reads the weight itself: Dynamo would guard on it (its device, dtype and layout), and a full-precision
@@ -199,64 +217,168 @@ def is_stale(layer: torch.nn.Module, input_amax: float | None = None) -> bool:
 
 
 def quantize(layers: Iterable[torch.nn.Linear], format: str, input_amax: Iterable[float] | None = None) -> int:
-    """Writes each layer's 8-bit weight from its weight; returns how many layers. A layer quantized before the same way
-    is overwritten in place (same buffers, same addresses: graphs and CUDA-graph recordings stay valid).
+    """Writes each layer's own 8-bit weight from its weight; returns how many layers. A layer quantized before the same
+    way is overwritten in place (same buffers, same addresses: graphs and CUDA-graph recordings stay valid).
     ``input_amax``: one value per layer for static input scales (``Quantization.input_amax``)."""
     layers = list(layers)
     amax = list(input_amax) if input_amax is not None else [None] * len(layers)
-    count = 0
+    for layer, largest in zip(layers, amax, strict=True):
+        _write(layer, [layer], [largest], format)
+    return len(layers)
+
+
+def _write(owner: torch.nn.Module, layers: list[torch.nn.Linear], amax: list[float | None], format: str) -> None:
+    """Writes the 8-bit weight of one GEMM into ``owner``'s buffers, in place where they exist with the same layout:
+    a layer's own (``owner`` is the layer), or a pack of an attention module's projections (``owner`` is the module,
+    ``layers`` its members in order, which get views into the pack)."""
+    packed = layers != [owner]
+    names = PACKED_BUFFERS if packed else LAYER_BUFFERS
+    static = amax[0] is not None
     with torch.no_grad():
-        for layer, largest in zip(layers, amax, strict=True):
-            copy = layer._buffers.get(QUANTIZED_WEIGHT)
-            # Where the 8-bit copy lives: the weight may be waiting in host memory (compile/host_memory.py).
-            source = layer.weight if copy is None else layer.weight.to(copy.device, non_blocking=True)
-            weight, scale = quantize_weight(source, format, per_tensor=largest is not None)
-            wanted = {QUANTIZED_WEIGHT: weight, WEIGHT_SCALE: scale}
-            if largest is not None:
-                wanted[INPUT_SCALE] = torch.tensor(_input_scale(largest), device=weight.device)
-            elif INPUT_SCALE in layer._buffers:
-                del layer._buffers[INPUT_SCALE]
-            for name, value in wanted.items():
-                held = layer._buffers.get(name)
-                if held is not None and (held.dtype, held.shape, held.device) == (value.dtype, value.shape, value.device):
-                    held.copy_(value)
-                else:
-                    layer.register_buffer(name, value, persistent=False)
+        copy = owner._buffers.get(names[0])
+        # Where the 8-bit copy lives: a weight may be waiting in host memory (compile/host_memory.py).
+        sources = [layer.weight if copy is None else layer.weight.to(copy.device, non_blocking=True) for layer in layers]
+        weight, scale = quantize_weight(torch.cat(sources) if packed else sources[0], format, per_tensor=static)
+        wanted = {names[0]: weight, names[1]: scale}
+        if static:
+            wanted[names[2]] = torch.tensor(_input_scale(max(amax)), device=weight.device)
+        _write_buffers(owner, wanted, drop=() if static else names[2:])
+        if packed:
+            owner.__dict__[OUTPUT_DTYPE] = layers[0].weight.dtype
+            held = [owner._buffers[name] for name in names if name in owner._buffers]
+            start = 0
+            for layer in layers:
+                rows = slice(start, start + layer.out_features)
+                start = rows.stop
+                views = dict(zip(LAYER_BUFFERS, (held[0][rows], held[1] if static else held[1][rows], *held[2:])))
+                _write_buffers(layer, views, drop=LAYER_BUFFERS[len(views):], alias=True)
+        for layer, largest in zip(layers, amax):
             layer.__dict__[QUANTIZED_FROM] = (weight_source(layer.weight), largest)
             layer.__dict__[OUTPUT_DTYPE] = layer.weight.dtype
-            count += 1
-    return count
+
+
+def _write_buffers(module: torch.nn.Module, wanted: dict[str, torch.Tensor], drop: Iterable[str] = (),
+                   alias: bool = False) -> None:
+    """Each buffer of ``wanted`` copied into the one ``module`` holds where its layout is the same, else registered;
+    ``alias``: ``wanted`` are views, registered unless the buffer held is the same view already."""
+    for name, value in wanted.items():
+        held = module._buffers.get(name)
+        same_layout = held is not None and (held.dtype, held.shape, held.device) == (value.dtype, value.shape, value.device)
+        if same_layout and not alias:
+            held.copy_(value)
+        elif not (same_layout and held.data_ptr() == value.data_ptr()):
+            module.register_buffer(name, value, persistent=False)
+    for name in drop:
+        module._buffers.pop(name, None)
 
 
 def dequantize(unet: torch.nn.Module) -> int:
-    """Drops every 8-bit copy from ``unet``; returns how many layers had one."""
-    count = 0
-    for module in unet.modules():
-        if is_quantized(module):
-            _drop_buffers(module)
-            count += 1
+    """Drops every 8-bit copy from ``unet``, packs too; returns how many layers had one."""
+    modules = list(unet.modules())
+    count = sum(map(is_quantized, modules))
+    for module in modules:
+        _drop_pack(module)
+        _drop_buffers(module)
     return count
 
 
 def _drop_buffers(layer: torch.nn.Module) -> None:
-    for name in BUFFERS:
+    for name in LAYER_BUFFERS:
         layer._buffers.pop(name, None)
     layer.__dict__.pop(QUANTIZED_FROM, None)
     layer.__dict__.pop(OUTPUT_DTYPE, None)
 
 
-def apply(unet: torch.nn.Module, quantization: Quantization) -> int:
-    """Makes exactly ``quantization.layers`` quantized in ``unet`` (others lose their 8-bit copies), writing the copy of
-    each layer that has none or whose weight changed since (``is_stale``); returns how many copies it wrote. Cheap when
-    nothing changed: call it whenever the weights may have (a generation starts, a LoRA was fused)."""
+def _drop_pack(module: torch.nn.Module) -> None:
+    """Drops ``module``'s pack, if it holds one, and its members' views into it."""
+    members = module.__dict__.pop(PACKED, None)
+    if members is None:
+        return
+    for name in PACKED_BUFFERS:
+        module._buffers.pop(name, None)
+    module.__dict__.pop(OUTPUT_DTYPE, None)
+    for member in members:
+        _drop_buffers(getattr(module, member))
+
+
+def projection_packs(unet: torch.nn.Module, layers: Iterable[str],
+                     attention: Iterable[torch.nn.Module]) -> dict[str, tuple[str, ...]]:
+    """The modules among ``attention`` whose projections among ``layers`` make a pack (``PROJECTION_PACKS``: all
+    members quantized, without bias, of one input width), by name in ``unet``, each with its members."""
+    chosen, attention = set(layers), set(attention)
+    packs = {}
+    for name, module in unet.named_modules():
+        if module not in attention:
+            continue
+        prefix = f"{name}." if name else ""
+        for members in PROJECTION_PACKS:
+            linears = [getattr(module, member, None) for member in members]
+            if (all(f"{prefix}{member}" in chosen for member in members)
+                    and all(isinstance(linear, torch.nn.Linear) and linear.bias is None for linear in linears)
+                    and len({linear.in_features for linear in linears}) == 1):
+                packs[name] = members
+                break
+    return packs
+
+
+def apply(unet: torch.nn.Module, quantization: Quantization, attention: Iterable[torch.nn.Module] = ()) -> int:
+    """Makes exactly ``quantization.layers`` quantized in ``unet`` (others lose their 8-bit copies), packed in the
+    modules among ``attention`` whose forward calls ``projections`` in compiled calls (``projection_packs``), writing the copy of each layer, or pack, that has none or whose weight changed since
+    (``is_stale``); returns how many layers it wrote. Cheap when nothing changed: call it whenever the weights may have
+    (a generation starts, a LoRA was fused)."""
     named = dict(unet.named_modules())
     wanted = dict(zip(quantization.layers, quantization.input_amax or [None] * len(quantization.layers)))
+    dtype = _dtype(quantization.format)
+    packs = projection_packs(unet, wanted, attention)
     for name, module in named.items():
-        if is_quantized(module) and (name not in wanted or module._buffers[QUANTIZED_WEIGHT].dtype != _dtype(quantization.format)):
+        if PACKED in module.__dict__ and (packs.get(name) != module.__dict__[PACKED]
+                                          or module._buffers[PACKED_BUFFERS[0]].dtype != dtype):
+            _drop_pack(module)
+    for name, module in named.items():
+        if is_quantized(module) and (name not in wanted or module._buffers[QUANTIZED_WEIGHT].dtype != dtype):
             _drop_buffers(module)
-    stale = {name: largest for name, largest in wanted.items() if is_stale(named[name], largest)}
-    return quantize((named[name] for name in stale), quantization.format,
-                    stale.values() if quantization.input_amax is not None else None)
+    units = {owner: [f"{owner}.{member}" if owner else member for member in members] for owner, members in packs.items()}
+    in_packs = {name for members in units.values() for name in members}
+    units.update((name, [name]) for name in wanted if name not in in_packs)
+    written = 0
+    for owner, members in units.items():
+        if any(is_stale(named[name], wanted[name]) for name in members) or (
+                len(members) > 1 and PACKED not in named[owner].__dict__):
+            _write(named[owner], [named[name] for name in members], [wanted[name] for name in members],
+                   quantization.format)
+            if len(members) > 1:
+                named[owner].__dict__[PACKED] = tuple(name.rpartition(".")[2] for name in members)
+            written += len(members)
+    return written
+
+
+def _packed_linear(attention: torch.nn.Module, x: torch.Tensor, members: slice = slice(None)) -> tuple[torch.Tensor, ...]:
+    """The outputs of ``attention``'s packed projections ``members`` (all: the pack's order) for their shared input
+    ``x``, from one 8-bit GEMM over their rows of the pack, sliced inside the graph: views of one pack given to a
+    graph as inputs of their own would alias, which Dynamo refuses in a compiled region."""
+    sizes = [getattr(attention, name).out_features for name in getattr(attention, PACKED)]
+    start = sum(sizes[:members.start or 0])
+    stop = start + sum(sizes[members])
+    buffers = attention._buffers
+    weight, scale = buffers[PACKED_BUFFERS[0]], buffers[PACKED_BUFFERS[1]]
+    if stop - start != weight.shape[0]:
+        weight, scale = weight[start:stop], scale if scale.dim() == 0 else scale[start:stop]
+    out = quantized_matmul(x, weight, scale, None, getattr(attention, OUTPUT_DTYPE), buffers.get(PACKED_BUFFERS[2]))
+    return out.split(sizes[members], dim=-1)
+
+
+def projections(attention: torch.nn.Module, x: torch.Tensor, context: torch.Tensor | None = None):
+    """``to_q(x)``, ``to_k(context)`` and ``to_v(context)`` of an attention module (no context: a self-attention, on
+    ``x``), with one GEMM for the members of its pack (``PACKED``) that read the same input."""
+    packed = getattr(attention, PACKED) if PACKED_BUFFERS[0] in attention._buffers else ()
+    if len(packed) == 3 and context is None:
+        return _packed_linear(attention, x)
+    context = x if context is None else context
+    if len(packed) == 3:  # q, k and v of one width, but a cross-attention: q on x, k and v on the context
+        return (*_packed_linear(attention, x, slice(0, 1)), *_packed_linear(attention, context, slice(1, 3)))
+    if len(packed) == 2:
+        return (attention.to_q(x), *_packed_linear(attention, context))
+    return attention.to_q(x), attention.to_k(context), attention.to_v(context)
 
 
 def _dtype(format: str) -> torch.dtype:

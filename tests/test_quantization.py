@@ -40,13 +40,19 @@ def test_candidates_are_the_transformer_blocks_linears(family):
     assert any(name.endswith("attn1.to_q") for name in candidates) and any(".ff." in name for name in candidates)
 
 
+def three_layers_alone(unet) -> tuple[str, ...]:
+    """A self-attention's q and k (no pack without v) and a feed-forward layer."""
+    candidates = tuple(q.candidate_layers(unet))
+    return (*candidates[:2], next(name for name in candidates if ".ff." in name))
+
+
 @torch.no_grad()
 def test_apply_writes_stale_copies_in_place_and_dequantize_drops_them():
     unet, _ = UNETS["sd15"](1)
     key = structure_key(unet)
-    names = tuple(q.candidate_layers(unet))[:3]
+    names = three_layers_alone(unet)
     plan = q.Quantization("int8", names)
-    assert q.apply(unet, plan) == 3
+    assert q.apply(unet, plan) == 3 and not any(q.PACKED in module.__dict__ for module in unet.modules())
     layer = unet.get_submodule(names[0])
     held, scale = layer._buffers[q.QUANTIZED_WEIGHT], layer._buffers[q.WEIGHT_SCALE]
     assert held.dtype == torch.int8 and held.shape == layer.weight.shape
@@ -76,7 +82,7 @@ def test_static_fp8_input_scales_are_rewritten_when_they_change():
     for another input maximum, or for per-row scales, counts as stale like one of a changed weight."""
     unet, _ = UNETS["sd15"](1)
     key = structure_key(unet)
-    names = tuple(q.candidate_layers(unet))[:3]
+    names = three_layers_alone(unet)
     assert q.apply(unet, q.Quantization("fp8", names, (1.0, 2.0, 3.0))) == 3
     scale = unet.get_submodule(names[2])._buffers[q.INPUT_SCALE]
     assert q.apply(unet, q.Quantization("fp8", names, (1.0, 2.0, 3.0))) == 0
@@ -85,6 +91,94 @@ def test_static_fp8_input_scales_are_rewritten_when_they_change():
     assert structure_key(unet) == key
     assert q.apply(unet, q.Quantization("fp8", names)) == 3
     assert not any(q.INPUT_SCALE in unet.get_submodule(name)._buffers for name in names)
+
+
+@torch.no_grad()
+def test_projections_reading_one_input_are_packed_into_one_gemm(monkeypatch):
+    """In the attention modules whose forward the engine owns (``sdpa_forward``), a self-attention's q, k and v, and a
+    cross-attention's k and v, quantized together: one 8-bit tensor on the attention module, the members' buffers
+    views into it, one GEMM for them in ``projections``. In int8 (scales per input row and per output channel, as
+    alone) the pack computes what the layers alone compute; a member's changed weight rewrites the pack in place; a
+    plan without one member unpacks the others."""
+    unet, _ = UNETS["sd15"](1)
+    key = structure_key(unet)
+    candidates = tuple(q.candidate_layers(unet))
+    owned = SdpaAttention(unet, upcast=False).modules
+    assert q.apply(unet, q.Quantization("int8", candidates)) == len(candidates)
+    assert not any(q.PACKED in module.__dict__ for module in unet.modules()), "only where the engine owns attention"
+    packed_layers = q.apply(unet, q.Quantization("int8", candidates), owned)
+    packs = {name: module.__dict__[q.PACKED] for name, module in unet.named_modules() if q.PACKED in module.__dict__}
+    assert packed_layers == sum(map(len, packs.values())) < len(candidates), "packing writes its members alone"
+    assert len(packs) == 2 * sum(1 for name in candidates if name.endswith("attn1.to_q"))
+    for name, members in packs.items():  # a cross-attention's q reads x, its k and v the text, of another width in SD
+        one_width = unet.get_submodule(name).to_q.in_features == unet.get_submodule(name).to_k.in_features
+        assert members == ("to_q", "to_k", "to_v") if name.endswith("attn1") or one_width else ("to_k", "to_v")
+    assert {packs[name] for name in packs if name.endswith("attn2")} == {("to_k", "to_v"), ("to_q", "to_k", "to_v")}
+    assert structure_key(unet) == key, "packs must not change the structure key"
+
+    attention_name = next(name for name in packs if name.endswith("attn1"))
+    attention = unet.get_submodule(attention_name)
+    members = [attention.to_q, attention.to_k, attention.to_v]
+    pack = attention._buffers[q.PACKED_BUFFERS[0]]
+    views = [layer._buffers[q.QUANTIZED_WEIGHT] for layer in members]
+    assert [view.data_ptr() for view in views] == [pack.data_ptr() + i * views[0].numel() for i in range(3)]
+    calls = []
+    gemm = q.quantized_matmul
+    monkeypatch.setattr(q, "quantized_matmul", lambda *a, **k: calls.append(a[1].shape) or gemm(*a, **k))
+    x = torch.randn(2, 64, attention.to_q.in_features)
+    packed = q.projections(attention, x)
+    assert calls == [pack.shape], "one GEMM for q, k and v"
+    alone = [q.quantized_linear(layer, x) for layer in members]
+    exact = [torch.nn.functional.linear(x, layer.weight) for layer in members]
+    assert all(torch.allclose(p, a, rtol=1e-5, atol=1e-6) for p, a in zip(packed, alone))
+    assert all(1e-4 < relative_error(p, e) < 0.05 for p, e in zip(packed, exact)), "8 bits, not the fp32 weights"
+    for cross in (unet.get_submodule(name) for name in packs if name.endswith("attn2")):
+        calls.clear()
+        query = torch.randn(2, 64, cross.to_q.in_features)
+        context = torch.randn(2, 77, cross.to_k.in_features)
+        with plain_layers():  # as in a compiled call: a Linear alone runs its 8-bit copy
+            crossed = q.projections(cross, query, context)
+        assert len(calls) == 2, "q alone, k and v in one GEMM"
+        inputs = (query, context, context)
+        alone = [q.quantized_linear(layer, t) for layer, t in zip((cross.to_q, cross.to_k, cross.to_v), inputs)]
+        assert all(torch.allclose(p, a, rtol=1e-5, atol=1e-6) for p, a in zip(crossed, alone))
+    monkeypatch.undo()
+
+    members[1].weight.mul_(2)  # a LoRA on k alone: the whole pack is written, in place
+    assert q.apply(unet, q.Quantization("int8", candidates), owned) == 3
+    assert attention._buffers[q.PACKED_BUFFERS[0]].data_ptr() == pack.data_ptr()
+    assert torch.allclose(q.projections(attention, x)[1], 2 * packed[1], rtol=1e-5, atol=1e-5)
+
+    without_v = tuple(name for name in candidates if name != f"{attention_name}.to_v")
+    assert q.apply(unet, q.Quantization("int8", without_v), owned) == 2, "q and k written alone"
+    assert q.PACKED not in attention.__dict__ and not q.is_quantized(members[2])
+    assert all(q.is_quantized(layer) and layer._buffers[q.QUANTIZED_WEIGHT]._base is None for layer in members[:2])
+    assert q.dequantize(unet) == len(candidates) - 1
+    assert not any(q.PACKED in module.__dict__ or module._buffers.keys() & q.BUFFERS for module in unet.modules())
+    assert structure_key(unet) == key
+
+
+@torch.no_grad()
+def test_an_fp8_pack_shares_the_members_largest_scales():
+    """fp8 takes one scale per tensor: a pack's weight scale is its largest member's, its input scale is from the
+    largest input maximum of its members (the same input: equal in a real call), and every member reads the pack's."""
+    unet, _ = UNETS["sd15"](1)
+    candidates = tuple(q.candidate_layers(unet))
+    attention_name = candidates[0].rpartition(".")[0]
+    maxima = tuple(3.0 if name == f"{attention_name}.to_v" else 1.0 for name in candidates)
+    q.apply(unet, q.Quantization("fp8", candidates, maxima), SdpaAttention(unet, upcast=False).modules)
+    attention = unet.get_submodule(attention_name)
+    members = [attention.to_q, attention.to_k, attention.to_v]
+    weight_scale, input_scale = (attention._buffers[name] for name in q.PACKED_BUFFERS[1:])
+    assert input_scale.item() == pytest.approx(3.0 * q.INPUT_MARGIN / 448.0)
+    assert weight_scale.item() == pytest.approx(max(q.quantize_weight(layer.weight, "fp8", True)[1].item()
+                                                    for layer in members))
+    assert all(layer._buffers[q.WEIGHT_SCALE] is weight_scale and layer._buffers[q.INPUT_SCALE] is input_scale
+               for layer in members)
+    x = torch.randn(2, 64, attention.to_q.in_features)
+    for packed, layer in zip(q.projections(attention, x), members):
+        assert torch.allclose(packed, q.quantized_linear(layer, x), rtol=1e-5, atol=1e-6)
+        assert 1e-4 < relative_error(packed, torch.nn.functional.linear(x, layer.weight)) < 0.1
 
 
 @torch.no_grad()
@@ -290,8 +384,12 @@ def test_fp8_input_scales_are_measured_again_on_changed_weights_without_a_recomp
     assert maxima != plan.input_amax
     loaded = compiled(*args, **kwargs)
     assert compiled.backend.quantization.input_amax == maxima, "measured again on the new weights"
-    assert all(layer._buffers[q.INPUT_SCALE].item() == pytest.approx(largest * q.INPUT_MARGIN / 448.0)
-               for layer, largest in zip(layers.values(), maxima))
+    largest = {}  # per input scale: the members of a pack share theirs, from the largest of their maxima
+    for layer, value in zip(layers.values(), maxima):
+        scale = layer._buffers[q.INPUT_SCALE]
+        largest[scale] = max(largest.get(scale, 0.0), value)
+    assert len(largest) < len(layers), "packs share input scales"
+    assert all(scale.item() == pytest.approx(value * q.INPUT_MARGIN / 448.0) for scale, value in largest.items())
     assert 1e-3 < relative_error(loaded, unet(*args, **kwargs)) < 0.1
     assert compiled.stats.graphs_compiled == 1 and compiled.failure is None
     compiled(*args, **kwargs)

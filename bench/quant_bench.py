@@ -6,6 +6,7 @@
     python bench/quant_bench.py --park              # also with full-precision weights in host memory: GPU memory, time
     python bench/quant_bench.py --gemms --variants  # only the candidate layers' GEMMs, one table: the ceiling
     python bench/quant_bench.py --models sdxl --variants fp8-static-fast-accum --host-timeline  # host time before the GPU
+    python bench/quant_bench.py --models sdxl --variants fp8-static-fast-accum --host-timeline --unquantized-last
 
 For each format: every candidate layer's own error is measured on the call's inputs (``measure_errors``), the layers
 within the threshold are quantized, and the compiled UNet runs them in 8 bits. Error: ||out - eager fp16|| / ||eager
@@ -228,7 +229,9 @@ def run_case(name: str, args, device: torch.device) -> list[dict]:
             print(ub.markdown_table(gemms, [(c, "{}") for c in ("rows", "in", "out", "layers")] + [
                 (c, "{:.3f}" if c.endswith("_ms") else "{:.1e}") for c in gemms[0] if c.endswith(("_ms", "_err"))]),
                 flush=True)
-        variants = [("unquantized", Variant(None))] + [(v, VARIANTS[v]) for v in args.variants]
+        variants = [(v, VARIANTS[v]) for v in args.variants]
+        variants = variants + [("unquantized", Variant(None))] if args.unquantized_last else [
+            ("unquantized", Variant(None))] + variants
         for label, variant in variants:
             format = variant.format
             chosen, errors, amax = (), {}, {}
@@ -322,6 +325,8 @@ def main() -> None:
                         help="after each variant's timing, print where the host's time in a compiled call goes")
     parser.add_argument("--host-timeline", action="store_true",
                         help="after each variant's timing, where a call's time goes before the GPU starts (GPU only)")
+    parser.add_argument("--unquantized-last", action="store_true",
+                        help="measure the unquantized call after the 8-bit variants (default: first): order effects")
     parser.add_argument("--profile-calls", type=int, default=5, help="compiled calls profiled per variant (default 5)")
     parser.add_argument("--park", action="store_true",
                         help="also hold the quantized layers' full-precision weights in host memory: memory and time")

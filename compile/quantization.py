@@ -9,15 +9,15 @@ far when quantized.
 
 How: each chosen layer gets non-persistent buffers beside its weight (``BUFFERS``): the 8-bit weight, its scale per
 output channel, and for static fp8 input scales (``Quantization.input_amax``) the input's scale. The weight itself
-stays the master: webui loads checkpoints and fuses LoRAs into it, and ``quantize`` writes the 8-bit copy again *into
-the same buffers*, so compiled graphs and CUDA-graph recordings that read them need no recompile; ``apply`` rewrites
-only the layers whose weight changed since their copy was written (``weight_source``: the tensor, its address and its
+stays the master: webui loads checkpoints and fuses LoRAs into it, and ``apply`` writes the 8-bit copy again *into
+the same buffers*, so compiled graphs and CUDA-graph recordings that read them need no recompile; it rewrites only
+the layers whose weight changed since their copy was written (``weight_source``: the tensor, its address and its
 in-place version counter). ``quantized_linear`` is the forward the compiled UNet runs for such a layer.
 
-Packs: where an attention module's projections that read the same input are all quantized (q, k
-and v of a self-attention, k and v of a cross-attention, which read the text), their 8-bit weights are written into one
-tensor on the attention module (``PACKED_BUFFERS``) with one weight scale (int8: one per output channel, as alone; fp8:
-one for the pack, the largest member's) and one input scale (fp8: the largest member's input maximum), and each member's
+Packs: where an attention module's projections that read the same input are all quantized (q, k and v of a
+self-attention, k and v of a cross-attention, which read the text), their 8-bit weights are written into one tensor on
+the attention module (``PACKED_BUFFERS``) with one weight scale (int8: one per output channel, as alone; fp8: one for
+the pack, the largest member's) and one input scale (fp8: from the largest member's input maximum), and each member's
 buffers are views into it. ``projections`` then computes them in one GEMM from one quantized input: fewer, larger GEMMs
 and kernels per call. Only for attention modules whose forward calls ``projections`` in compiled calls (the engine's
 ``sdpa_forward``): anything else calling the members alone would give a graph views of one tensor as inputs of their
@@ -216,17 +216,6 @@ def is_stale(layer: torch.nn.Module, input_amax: float | None = None) -> bool:
     return not is_quantized(layer) or layer.__dict__.get(QUANTIZED_FROM) != (weight_source(layer.weight), input_amax)
 
 
-def quantize(layers: Iterable[torch.nn.Linear], format: str, input_amax: Iterable[float] | None = None) -> int:
-    """Writes each layer's own 8-bit weight from its weight; returns how many layers. A layer quantized before the same
-    way is overwritten in place (same buffers, same addresses: graphs and CUDA-graph recordings stay valid).
-    ``input_amax``: one value per layer for static input scales (``Quantization.input_amax``)."""
-    layers = list(layers)
-    amax = list(input_amax) if input_amax is not None else [None] * len(layers)
-    for layer, largest in zip(layers, amax, strict=True):
-        _write(layer, [layer], [largest], format)
-    return len(layers)
-
-
 def _write(owner: torch.nn.Module, layers: list[torch.nn.Linear], amax: list[float | None], format: str) -> None:
     """Writes the 8-bit weight of one GEMM into ``owner``'s buffers, in place where they exist with the same layout:
     a layer's own (``owner`` is the layer), or a pack of an attention module's projections (``owner`` is the module,
@@ -323,9 +312,10 @@ def projection_packs(unet: torch.nn.Module, layers: Iterable[str],
 
 def apply(unet: torch.nn.Module, quantization: Quantization, attention: Iterable[torch.nn.Module] = ()) -> int:
     """Makes exactly ``quantization.layers`` quantized in ``unet`` (others lose their 8-bit copies), packed in the
-    modules among ``attention`` whose forward calls ``projections`` in compiled calls (``projection_packs``), writing the copy of each layer, or pack, that has none or whose weight changed since
-    (``is_stale``); returns how many layers it wrote. Cheap when nothing changed: call it whenever the weights may have
-    (a generation starts, a LoRA was fused)."""
+    modules among ``attention`` whose forward calls ``projections`` in compiled calls (``projection_packs``), writing
+    the copy of each layer, or pack, that has none or whose weight changed since (``is_stale``), in place where it had
+    one (same buffers, same addresses: graphs and CUDA-graph recordings stay valid); returns how many layers it wrote.
+    Cheap when nothing changed: call it whenever the weights may have (a generation starts, a LoRA was fused)."""
     named = dict(unet.named_modules())
     wanted = dict(zip(quantization.layers, quantization.input_amax or [None] * len(quantization.layers)))
     dtype = _dtype(quantization.format)

@@ -228,6 +228,8 @@ def test_quantized_compiled_unet_is_close_to_eager_and_not_equal(quantized_sd15)
     plan = compiled.backend.quantization
     assert compiled.failure is None and compiled.stats.graphs_compiled == 1
     assert plan.layers and all(q.is_quantized(unet.get_submodule(name)) for name in plan.layers)
+    packs = q.projection_packs(unet, plan.layers, SdpaAttention(unet, upcast=False).modules)
+    assert packs and {name for name, module in unet.named_modules() if q.PACKED in module.__dict__} == set(packs)
     eager = unet(*args, **kwargs)  # webui's own forwards: the fp16 (here fp32) weights, never the 8-bit copies
     assert 1e-3 < relative_error(out, eager) < 0.05
 

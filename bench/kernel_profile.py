@@ -173,6 +173,7 @@ def host_phases(compiled, fn, calls: int = 20) -> dict:
     Dynamo until its guards passed (``guards_ms``; nan where torch has no guard hook), from there to the first CUDA
     graph replay (``to_replay_ms``: AOTAutograd's and the CUDA-graph tree's wrappers), the replays (``replay_ms``: the
     driver launching the graph) and the rest until ``fn`` returns (``after_ms``)."""
+    import math
     import statistics
     import time
 
@@ -205,7 +206,7 @@ def host_phases(compiled, fn, calls: int = 20) -> dict:
             guards = marks.get("guards", float("nan"))
             samples.append({
                 "engine_ms": marks["enter"] - start, "guards_ms": guards - marks["enter"],
-                "to_replay_ms": marks["replay"] - (marks["enter"] if guards != guards else guards),
+                "to_replay_ms": marks["replay"] - (marks["enter"] if math.isnan(guards) else guards),
                 "replay_ms": marks["replayed"] - marks["replay"], "after_ms": end - marks["replayed"],
             })
     finally:

@@ -229,9 +229,8 @@ def run_case(name: str, args, device: torch.device) -> list[dict]:
             print(ub.markdown_table(gemms, [(c, "{}") for c in ("rows", "in", "out", "layers")] + [
                 (c, "{:.3f}" if c.endswith("_ms") else "{:.1e}") for c in gemms[0] if c.endswith(("_ms", "_err"))]),
                 flush=True)
-        variants = [(v, VARIANTS[v]) for v in args.variants]
-        variants = variants + [("unquantized", Variant(None))] if args.unquantized_last else [
-            ("unquantized", Variant(None))] + variants
+        quantized, baseline = [(v, VARIANTS[v]) for v in args.variants], [("unquantized", Variant(None))]
+        variants = quantized + baseline if args.unquantized_last else baseline + quantized
         for label, variant in variants:
             format = variant.format
             chosen, errors, amax = (), {}, {}

@@ -216,11 +216,12 @@ def is_stale(layer: torch.nn.Module, input_amax: float | None = None) -> bool:
     return not is_quantized(layer) or layer.__dict__.get(QUANTIZED_FROM) != (weight_source(layer.weight), input_amax)
 
 
-def _write(owner: torch.nn.Module, layers: list[torch.nn.Linear], amax: list[float | None], format: str) -> None:
+def _write(owner: torch.nn.Module, members: tuple[str, ...], amax: list[float | None], format: str) -> None:
     """Writes the 8-bit weight of one GEMM into ``owner``'s buffers, in place where they exist with the same layout:
-    a layer's own (``owner`` is the layer), or a pack of an attention module's projections (``owner`` is the module,
-    ``layers`` its members in order, which get views into the pack)."""
-    packed = layers != [owner]
+    a layer's own (``owner`` is the layer, ``members`` empty), or a pack of an attention module's projections
+    (``owner`` is the module, ``members`` the names of its projections in order, which get views into the pack)."""
+    packed = bool(members)
+    layers = [getattr(owner, member) for member in members] if packed else [owner]
     names = PACKED_BUFFERS if packed else LAYER_BUFFERS
     static = amax[0] is not None
     with torch.no_grad():
@@ -233,6 +234,7 @@ def _write(owner: torch.nn.Module, layers: list[torch.nn.Linear], amax: list[flo
             wanted[names[2]] = torch.tensor(_input_scale(max(amax)), device=weight.device)
         _write_buffers(owner, wanted, drop=() if static else names[2:])
         if packed:
+            owner.__dict__[PACKED] = members
             owner.__dict__[OUTPUT_DTYPE] = layers[0].weight.dtype
             held = [owner._buffers[name] for name in names if name in owner._buffers]
             start = 0
@@ -327,18 +329,16 @@ def apply(unet: torch.nn.Module, quantization: Quantization, attention: Iterable
     for name, module in named.items():
         if is_quantized(module) and (name not in wanted or module._buffers[QUANTIZED_WEIGHT].dtype != dtype):
             _drop_buffers(module)
-    units = {owner: [f"{owner}.{member}" if owner else member for member in members] for owner, members in packs.items()}
-    in_packs = {name for members in units.values() for name in members}
-    units.update((name, [name]) for name in wanted if name not in in_packs)
+    units = {owner: ([f"{owner}.{member}" if owner else member for member in members], members)
+             for owner, members in packs.items()}
+    in_packs = {name for names, _ in units.values() for name in names}
+    units.update((name, ([name], ())) for name in wanted if name not in in_packs)
     written = 0
-    for owner, members in units.items():
-        if any(is_stale(named[name], wanted[name]) for name in members) or (
-                len(members) > 1 and PACKED not in named[owner].__dict__):
-            _write(named[owner], [named[name] for name in members], [wanted[name] for name in members],
-                   quantization.format)
-            if len(members) > 1:
-                named[owner].__dict__[PACKED] = tuple(name.rpartition(".")[2] for name in members)
-            written += len(members)
+    for owner, (names, members) in units.items():
+        if any(is_stale(named[name], wanted[name]) for name in names) or (
+                members and PACKED not in named[owner].__dict__):
+            _write(named[owner], members, [wanted[name] for name in names], quantization.format)
+            written += len(names)
     return written
 
 

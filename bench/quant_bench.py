@@ -10,8 +10,11 @@
 
 For each format: every candidate layer's own error is measured on the call's inputs (``measure_errors``), the layers
 within the threshold are quantized, and the compiled UNet runs them in 8 bits. Error: ||out - eager fp16|| / ||eager
-fp16|| over the UNet's output. Weights: GiB the UNet's weights take on the device with fp16 masters beside the 8-bit
-copies, and without them (the masters of quantized layers held elsewhere).
+fp16|| over the UNet's output. Time: ``compiled_ms`` is one call with the GPU idle at its start, so the host's work
+before the GPU starts adds to the GPU's; ``loop_ms`` is per call of calls made back to back, as a sampler makes them,
+where the host's work overlaps the previous call's GPU work (``unet_bench.loop_ms``). Weights: GiB the UNet's weights
+take on the device with fp16 masters beside the 8-bit copies, and without them (the masters of quantized layers held
+elsewhere).
 
 ``--profile``: after each variant's timing, ``--profile-calls`` compiled calls run under ``torch.profiler`` and one table
 prints at once: CUDA time per call by category of kernel (8-bit GEMMs, fp16/bf16 GEMMs, attention, convolutions,
@@ -272,6 +275,7 @@ def run_case(name: str, args, device: torch.device) -> list[dict]:
                 "peak_gib": ub.peak_gib(run_compiled, device),
             })
             rows[-1]["host_ms"] = host_ms(run_compiled, device, args.repeat)
+            rows[-1]["loop_ms"] = ub.loop_ms(run_compiled, device, args.repeat)
             if args.park and format is not None:
                 rows[-1].update(parked(unet, run_compiled, out, device, args.repeat))
             print(json.dumps(rows[-1]), flush=True)  # a run cut short by a timeout still leaves its rows
@@ -295,9 +299,10 @@ def run_case(name: str, args, device: torch.device) -> list[dict]:
             del compiled
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-    fp16_ms = next((row["compiled_ms"] for row in rows if row["variant"] == "unquantized"), float("nan"))
+    fp16 = next((row for row in rows if row["variant"] == "unquantized"), None)
     for row in rows:
-        row["vs_fp16_compiled"] = fp16_ms / row["compiled_ms"]
+        row["vs_fp16_compiled"] = fp16["compiled_ms"] / row["compiled_ms"] if fp16 else float("nan")
+        row["vs_fp16_loop"] = fp16["loop_ms"] / row["loop_ms"] if fp16 else float("nan")
     return rows
 
 
@@ -343,7 +348,8 @@ def main() -> None:
     print(f"\ncard: {card}   torch: {torch.__version__}   options: {ub.describe_options(args.options)}{dynamo}")
     columns = [("model", "{}"), ("shape", "{}"), ("variant", "{}"), ("layers", "{}"), ("layer_err_median", "{:.1e}"),
                ("layer_err_max", "{:.1e}"), ("eager_ms", "{:.2f}"), ("compiled_ms", "{:.2f}"),
-               ("vs_fp16_compiled", "{:.2f}x"), ("host_ms", "{:.2f}"), ("err_vs_eager", "{:.1e}"), ("compile_s", "{:.1f}"),
+               ("vs_fp16_compiled", "{:.2f}x"), ("loop_ms", "{:.2f}"), ("vs_fp16_loop", "{:.2f}x"), ("host_ms", "{:.2f}"),
+               ("err_vs_eager", "{:.1e}"), ("compile_s", "{:.1f}"),
                ("weights_gib", "{:.2f}"), ("weights_gib_no_masters", "{:.2f}"), ("peak_gib", "{:.2f}")]
     if args.host_timeline:
         columns += [(key, "{:.2f}") for key in TIMELINE + kp.PHASES]

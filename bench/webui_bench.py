@@ -15,9 +15,10 @@ Each prints a markdown table and appends its rows to ``--json``. Only the standa
   cancel out). The script's first request (compile, or the cache given with ``--cache``) is timed apart. Peak GPU
   memory as webui's ``/sdapi/v1/memory`` reports it (torch's allocator, since webui started): eager runs first, so the
   peak after the script's runs is the higher of the two. Last, one image each way, same seed, compared pixel by pixel
-  and by SSIM (``image_quality.py``). ``--quantize``: the script's requests with "Model Quantization(int8) Speed Up"
-  (the format webui's setting names), in every benchmark; ``speed`` then also measures the script's unquantized it/s,
-  last, in the same webui.
+  and by SSIM (``image_quality.py``). In a webui started with ``--start``, each way also a step's time, the host's and
+  the GPU's, and their parts in the model call (``bench/step_probe``: which of the two sets the pace). ``--quantize``:
+  the script's requests with "Model Quantization(int8) Speed Up" (the format webui's setting names), in every
+  benchmark; ``speed`` then also measures the script's unquantized it/s, last, in the same webui.
 - ``switch``: seconds webui takes to load another checkpoint (``sd_model_checkpoint``), eager webui against the script,
   where the switch also includes the first image after it (rebinding the compiled graph, 0 compiles expected). Both
   checkpoints are loaded once before, so webui's hashing of a checkpoint's first load counts in neither.
@@ -144,6 +145,30 @@ def steps_per_second(ui: WebUI, repeat: int, script: bool, steps: int, **payload
     return full, (steps - few) / max(full - short, 1e-9)
 
 
+STEP_FIELDS = ("host step ms", "host model ms", "gpu step ms", "gpu model ms")
+"""``GET /onediff-bench/steps``' medians per generation (``bench/step_probe``)."""
+
+
+def step_times(ui: WebUI, steps: int) -> dict | None:
+    """The medians over the generations of ``steps`` steps since the last read of webui's step probe, field by field
+    (``STEP_FIELDS``; None where not measured), or None where webui has no probe (a webui not started by
+    webui_start). Reading forgets them: read once before what is measured, to start clean."""
+    response = requests.get(ui.url + "/onediff-bench/steps", timeout=60)
+    if response.status_code == 404:
+        return None
+    generations = [entry for entry in response.json()["generations"] if entry["steps"] == steps]
+    return {field: statistics.median(values) if (values := [g[field] for g in generations if g[field] is not None])
+            else None for field in STEP_FIELDS}
+
+
+def step_cells(times: dict | None) -> str:
+    """``host / in the model call`` and the GPU's, in ms, for one table cell."""
+    def pair(step, model):
+        return "n/a" if times[step] is None else f"{times[step]:.1f} ({times[model]:.1f})"
+
+    return "no probe" if times is None else f"host {pair('host step ms', 'host model ms')}, GPU {pair('gpu step ms', 'gpu model ms')}"
+
+
 def image_size(args) -> dict:
     return {"width": args.width or args.size, "height": args.size}
 
@@ -195,19 +220,25 @@ def speed(ui: WebUI, args) -> list[dict]:
     ui.select(args.checkpoint)
     size = {**image_size(args), **(controlnet_unit(args) if args.controlnet else {})}
     ui.txt2img(False, steps=4, **size)  # warm-up: cuDNN/cuBLAS choices, allocator
+    step_times(ui, args.steps)
     eager_s, eager_its = steps_per_second(ui, args.repeat, False, args.steps, **size)
+    eager_steps = step_times(ui, args.steps)
     eager_memory = ui.memory_gib()
     first_s, first_info = ui.txt2img(True, [bool(args.quantize), args.cache or "None", args.save_cache], steps=args.steps, **size)
     outcome = require_script_ran(first_info)
+    step_times(ui, args.steps)
     script_s, script_its = steps_per_second(ui, args.repeat, True, args.steps, **size)
+    script_steps = step_times(ui, args.steps)
     script_memory = ui.memory_gib()
     eager_image, script_image = (ui.image(script, steps=args.steps, **size) for script in (False, True))
     difference = abs(eager_image.astype(int) - script_image.astype(int))
-    unquantized_its = None
+    unquantized_its = unquantized_steps = None
     if args.quantize:  # last: its graphs and their memory must not count in the quantized rows above
         ui.txt2img(True, [False], steps=args.steps, **size)  # compiles the unquantized graph
         quantized_args, ui.script_args = ui.script_args, [False]
+        step_times(ui, args.steps)
         unquantized_its = steps_per_second(ui, args.repeat, True, args.steps, **size)[1]
+        unquantized_steps = step_times(ui, args.steps)
         ui.script_args = quantized_args
     from image_quality import ssim  # numpy, like ui.image
     row = {"bench": "speed", "checkpoint": args.checkpoint, "controlnet": args.controlnet,
@@ -217,7 +248,8 @@ def speed(ui: WebUI, args) -> list[dict]:
            "eager memory GiB": eager_memory, "memory after script GiB": script_memory,
            "image difference mean": float(difference.mean()), "image difference max": int(difference.max()),
            "image SSIM": ssim(script_image, eager_image), "quantize": args.quantize,
-           "script unquantized it/s": unquantized_its}
+           "script unquantized it/s": unquantized_its, "eager step": eager_steps, "script step": script_steps,
+           "script unquantized step": unquantized_steps}
     with_unit = (f" + ControlNet {args.controlnet}" if args.controlnet else "") + (f", quantized ({args.quantize})" if args.quantize else "")
     print(f"\n| {args.checkpoint}{with_unit} {row['size']}, {args.steps} steps Euler a, batch 1 | eager | script | ratio |")
     print("|---|---|---|---|")
@@ -226,6 +258,10 @@ def speed(ui: WebUI, args) -> list[dict]:
     if unquantized_its is not None:
         print(f"| it/s, the script unquantized (same webui) | | {unquantized_its:.2f} | "
               f"quantized {script_its / unquantized_its:.2f}x |")
+    print(f"| a step, ms: host's time (in the model call), GPU's time (in the model call) | {step_cells(eager_steps)} | "
+          f"{step_cells(script_steps)} | |")
+    if args.quantize:
+        print(f"| a step, ms, the script unquantized | | {step_cells(unquantized_steps)} | |")
     print(f"| first script request: {outcome} | | {first_s:.1f} s | |")
     for key in eager_memory:
         print(f"| {key}, GiB | {eager_memory[key]:.2f} | {script_memory[key]:.2f} (max of both) | |")

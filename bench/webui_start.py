@@ -7,8 +7,9 @@ stored as float16, from webui's own configs (``FULL_CHECKPOINTS``, ``FULL_LORAS`
 webui starts; with ``SD_WEBUI_MODEL_CACHE`` set (bench/device_kit.py sets it) they are built there once and reused by
 later runs on the same machine. On a GPU (``SD_WEBUI_GPU=1``) webui runs with ``--opt-sdp-attention``, as in README's
 results, and keeps every loaded checkpoint on the GPU, so that a mixed session does not reload them from disk.
-Every started webui also has the bench-only extension ``bench/memory_probe`` (``GET /onediff-bench/memory``: what holds
-GPU memory, read by the soak after every request).
+Every started webui also has the bench-only extensions ``bench/memory_probe`` (``GET /onediff-bench/memory``: what holds
+GPU memory, read by the soak after every request) and ``bench/step_probe`` (``GET /onediff-bench/steps``: the host's and
+the GPU's time per sampling step, read by ``speed``).
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from pathlib import Path
 
 HARNESS_DIR = Path(__file__).resolve().parents[1] / "tests" / "webui"
 MEMORY_PROBE = Path(__file__).resolve().parent / "memory_probe"  # GET /onediff-bench/memory, for the soak
+STEP_PROBE = Path(__file__).resolve().parent / "step_probe"  # GET /onediff-bench/steps, for speed
 
 SD15_CONFIG = "configs/v1-inference.yaml"
 SDXL_CONFIG = "repositories/generative-models/configs/inference/sd_xl_base.yaml"
@@ -116,6 +118,7 @@ def start_webui(kind: str, names: set[str]):
     extra_args = (["--opt-sdp-attention"] if on_gpu() else []) + (["--no-hashing"] if full else [])
     ui = harness().make_webui(base, extra_args=extra_args)  # builds the tiny models
     ui.install_extension(MEMORY_PROBE, name="onediff_memory_probe")
+    ui.install_extension(STEP_PROBE, name="onediff_step_probe")
     if FULL_CONTROLNETS & names:
         controlnet = os.environ.get("SD_WEBUI_CONTROLNET")  # bench/device_kit.py run --controlnet sets it
         if not controlnet:

@@ -26,6 +26,7 @@ def test_speed_and_switch_tables(sd15, tmp_path):
     assert row["eager it/s"] > 0 and row["script it/s"] > 0
     assert row["image difference mean"] <= MEAN_LIMIT, row  # the same tolerance as the other webui tests
     assert row["image SSIM"] > 0.99 and not row["quantize"], row
+    assert row["eager step"] is None and "no probe" in out, row  # this webui has no step probe: said so
 
     out, rows = run_bench(sd15, tmp_path, "switch", "--checkpoint", "tiny-sd15-a", "--to", "tiny-sd15-b")
     assert "| switch tiny-sd15-a -> tiny-sd15-b |" in out, out
@@ -92,3 +93,21 @@ def test_eager_soak_with_the_memory_probe(tmp_path):
     assert summary["eager"] and summary["ok"] and summary["compared"] == 0, summary
     assert "| requests made | eager webui, without the script (--eager) |" in r.stdout, r.stdout
     assert "| eager fallbacks | n/a (--eager) |" in r.stdout, r.stdout
+
+
+def test_speed_with_the_step_probe(tmp_path):
+    """``--start tiny``: webui_start's webui has the bench's step probe, and ``speed`` reports a step's host time and
+    its part in the model call, eager and with the script, from generations of exactly ``--steps`` steps (webui's own
+    step counter reads 0 twice; a probe keyed on it would split them); no GPU time on the CPU."""
+    rows_file = tmp_path / "rows.jsonl"
+    r = subprocess.run([sys.executable, str(BENCH), "--start", "tiny", "--json", str(rows_file), "speed", "--checkpoint",
+                        "tiny-sd15-a", "--size", "64", "--steps", "6", "--repeat", "1"],
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, f"webui_bench failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+    (row,) = [json.loads(line) for line in rows_file.read_text().splitlines()]
+    for way in ("eager step", "script step"):
+        times = row[way]
+        # the model call is part of a step (medians over one step more for the model call: some slack)
+        assert times["host step ms"] > 0 and 0 < times["host model ms"] <= 1.5 * times["host step ms"], row
+        assert times["gpu step ms"] is None and times["gpu model ms"] is None, row
+    assert "| a step, ms: host's time (in the model call)" in r.stdout and "GPU n/a" in r.stdout, r.stdout

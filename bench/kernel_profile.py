@@ -179,6 +179,8 @@ def host_phases(compiled, fn, calls: int = 20) -> dict:
 
     import torch
 
+    from sd_webui_onediff.compile.patching import patched
+
     marks: dict[str, float] = {}
     inner, replay = compiled._compiled, torch.cuda.CUDAGraph.replay
 
@@ -192,27 +194,27 @@ def host_phases(compiled, fn, calls: int = 20) -> dict:
         marks["replayed"] = time.perf_counter()
 
     hook = getattr(torch._C._dynamo.eval_frame, "set_guard_complete_hook", None)
+    # Set as the engine sets it: nn.Module's setattr, putting the compiled module back, would make it a submodule.
     object.__setattr__(compiled, "_compiled", entering)
-    torch.cuda.CUDAGraph.replay = replaying
     previous_hook = hook(lambda hit: marks.setdefault("guards", time.perf_counter())) if hook else None
     samples = []
     try:
-        for _ in range(calls):
-            torch.cuda.synchronize()
-            marks.clear()
-            start = time.perf_counter()
-            fn()
-            end = time.perf_counter()
-            guards = marks.get("guards", float("nan"))
-            samples.append({
-                "engine_ms": marks["enter"] - start, "guards_ms": guards - marks["enter"],
-                "to_replay_ms": marks["replay"] - (marks["enter"] if math.isnan(guards) else guards),
-                "replay_ms": marks["replayed"] - marks["replay"], "after_ms": end - marks["replayed"],
-            })
+        with patched([(torch.cuda.CUDAGraph, "replay", replaying)]):
+            for _ in range(calls):
+                torch.cuda.synchronize()
+                marks.clear()
+                start = time.perf_counter()
+                fn()
+                end = time.perf_counter()
+                guards = marks.get("guards", float("nan"))
+                samples.append({
+                    "engine_ms": marks["enter"] - start, "guards_ms": guards - marks["enter"],
+                    "to_replay_ms": marks["replay"] - (marks["enter"] if math.isnan(guards) else guards),
+                    "replay_ms": marks["replayed"] - marks["replay"], "after_ms": end - marks["replayed"],
+                })
     finally:
         if hook:
             hook(previous_hook)
-        torch.cuda.CUDAGraph.replay = replay
         object.__setattr__(compiled, "_compiled", inner)
     return {key: statistics.median(sample[key] for sample in samples) * 1e3 for key in PHASES}
 

@@ -137,12 +137,14 @@ def median_seconds(ui: WebUI, repeat: int, script: bool, **payload) -> float:
     return statistics.median(times)
 
 
-def steps_per_second(ui: WebUI, repeat: int, script: bool, steps: int, **payload) -> tuple[float, float]:
-    """(median seconds of ``steps`` steps, it/s from the difference with a third as many steps)."""
+def steps_per_second(ui: WebUI, repeat: int, script: bool, steps: int, **payload) -> tuple[float, float, dict | None]:
+    """(median seconds of ``steps`` steps, it/s from the difference with a third as many steps, the step probe's times
+    of those ``steps``-step requests: ``step_times``)."""
     few = max(1, steps // 3)
+    step_times(ui, steps)  # forgets the generations before these
     full = median_seconds(ui, repeat, script, steps=steps, **payload)
     short = median_seconds(ui, repeat, script, steps=few, **payload)
-    return full, (steps - few) / max(full - short, 1e-9)
+    return full, (steps - few) / max(full - short, 1e-9), step_times(ui, steps)
 
 
 STEP_FIELDS = ("host step ms", "host model ms", "gpu step ms", "gpu model ms")
@@ -152,7 +154,7 @@ STEP_FIELDS = ("host step ms", "host model ms", "gpu step ms", "gpu model ms")
 def step_times(ui: WebUI, steps: int) -> dict | None:
     """The medians over the generations of ``steps`` steps since the last read of webui's step probe, field by field
     (``STEP_FIELDS``; None where not measured), or None where webui has no probe (a webui not started by
-    webui_start). Reading forgets them: read once before what is measured, to start clean."""
+    webui_start). Reading forgets them (``steps_per_second`` reads once before its requests, to start clean)."""
     response = requests.get(ui.url + "/onediff-bench/steps", timeout=60)
     if response.status_code == 404:
         return None
@@ -166,7 +168,9 @@ def step_cells(times: dict | None) -> str:
     def pair(step, model):
         return "n/a" if times[step] is None else f"{times[step]:.1f} ({times[model]:.1f})"
 
-    return "no probe" if times is None else f"host {pair('host step ms', 'host model ms')}, GPU {pair('gpu step ms', 'gpu model ms')}"
+    if times is None:
+        return "no probe"
+    return f"host {pair('host step ms', 'host model ms')}, GPU {pair('gpu step ms', 'gpu model ms')}"
 
 
 def image_size(args) -> dict:
@@ -220,15 +224,11 @@ def speed(ui: WebUI, args) -> list[dict]:
     ui.select(args.checkpoint)
     size = {**image_size(args), **(controlnet_unit(args) if args.controlnet else {})}
     ui.txt2img(False, steps=4, **size)  # warm-up: cuDNN/cuBLAS choices, allocator
-    step_times(ui, args.steps)
-    eager_s, eager_its = steps_per_second(ui, args.repeat, False, args.steps, **size)
-    eager_steps = step_times(ui, args.steps)
+    eager_s, eager_its, eager_steps = steps_per_second(ui, args.repeat, False, args.steps, **size)
     eager_memory = ui.memory_gib()
     first_s, first_info = ui.txt2img(True, [bool(args.quantize), args.cache or "None", args.save_cache], steps=args.steps, **size)
     outcome = require_script_ran(first_info)
-    step_times(ui, args.steps)
-    script_s, script_its = steps_per_second(ui, args.repeat, True, args.steps, **size)
-    script_steps = step_times(ui, args.steps)
+    script_s, script_its, script_steps = steps_per_second(ui, args.repeat, True, args.steps, **size)
     script_memory = ui.memory_gib()
     eager_image, script_image = (ui.image(script, steps=args.steps, **size) for script in (False, True))
     difference = abs(eager_image.astype(int) - script_image.astype(int))
@@ -236,9 +236,7 @@ def speed(ui: WebUI, args) -> list[dict]:
     if args.quantize:  # last: its graphs and their memory must not count in the quantized rows above
         ui.txt2img(True, [False], steps=args.steps, **size)  # compiles the unquantized graph
         quantized_args, ui.script_args = ui.script_args, [False]
-        step_times(ui, args.steps)
-        unquantized_its = steps_per_second(ui, args.repeat, True, args.steps, **size)[1]
-        unquantized_steps = step_times(ui, args.steps)
+        _, unquantized_its, unquantized_steps = steps_per_second(ui, args.repeat, True, args.steps, **size)
         ui.script_args = quantized_args
     from image_quality import ssim  # numpy, like ui.image
     row = {"bench": "speed", "checkpoint": args.checkpoint, "controlnet": args.controlnet,
@@ -306,7 +304,7 @@ def lora(ui: WebUI, args) -> list[dict]:
         _, infotext = ui.txt2img(True, prompt=BASE["prompt"] + tags, steps=4, **size)
         outcome = require_script_ran(infotext)
         fuse = infotext_field(infotext, "OneDiff LoRA fuse") or "not in infotext"
-        seconds, its = steps_per_second(ui, args.repeat, True, args.steps, prompt=BASE["prompt"] + tags, **size)
+        seconds, its, _ = steps_per_second(ui, args.repeat, True, args.steps, prompt=BASE["prompt"] + tags, **size)
         rows.append({"bench": "lora", "step": label, "fuse": fuse, "graph": outcome, "it/s": its, "s": seconds})
     print(f"\n| {args.checkpoint} {size['width']}x{size['height']}, LoRA {args.lora} | fuse | graph | it/s "
           f"| {args.steps} steps s |\n|---|---|---|---|---|")

@@ -18,7 +18,9 @@ Each prints a markdown table and appends its rows to ``--json``. Only the standa
   and by SSIM (``image_quality.py``). In a webui started with ``--start``, each way also a step's time, the host's and
   the GPU's, and their parts in the model call (``bench/step_probe``: which of the two sets the pace). ``--quantize``:
   the script's requests with "Model Quantization(int8) Speed Up" (the format webui's setting names), in every
-  benchmark; ``speed`` then also measures the script's unquantized it/s, last, in the same webui.
+  benchmark; ``speed`` then also measures the script's unquantized it/s and steps in the same webui, last (first with
+  ``--unquantized-first``). Where the probe's times are there, the ratio column also compares the GPU's steps: it/s
+  from the difference of two requests' times carries both requests' variation, the probe's medians cover every step.
 - ``switch``: seconds webui takes to load another checkpoint (``sd_model_checkpoint``), eager webui against the script,
   where the switch also includes the first image after it (rebinding the compiled graph, 0 compiles expected). Both
   checkpoints are loaded once before, so webui's hashing of a checkpoint's first load counts in neither.
@@ -220,24 +222,42 @@ def controlnet_recompiles(ui: WebUI, args) -> dict:
             "recompiles": recompiles}
 
 
+def unquantized_steps_per_second(ui: WebUI, args, size: dict) -> tuple[float, dict | None]:
+    """The script's it/s and step times with the quantization box unchecked (``steps_per_second``), its graph compiled
+    by a request before."""
+    ui.txt2img(True, [False], steps=args.steps, **size)
+    quantized_args, ui.script_args = ui.script_args, [False]
+    try:
+        _, its, steps = steps_per_second(ui, args.repeat, True, args.steps, **size)
+    finally:
+        ui.script_args = quantized_args
+    return its, steps
+
+
+def step_ratio(slower: dict | None, faster: dict | None) -> str:
+    """How many times shorter the GPU's step is in ``faster`` ("" without the probe's times)."""
+    if not slower or not faster or not slower["gpu step ms"] or not faster["gpu step ms"]:
+        return ""
+    return f"{slower['gpu step ms'] / faster['gpu step ms']:.2f}x"
+
+
 def speed(ui: WebUI, args) -> list[dict]:
     ui.select(args.checkpoint)
     size = {**image_size(args), **(controlnet_unit(args) if args.controlnet else {})}
     ui.txt2img(False, steps=4, **size)  # warm-up: cuDNN/cuBLAS choices, allocator
     eager_s, eager_its, eager_steps = steps_per_second(ui, args.repeat, False, args.steps, **size)
     eager_memory = ui.memory_gib()
+    unquantized_its = unquantized_steps = None
+    if args.quantize and args.unquantized_first:
+        unquantized_its, unquantized_steps = unquantized_steps_per_second(ui, args, size)
     first_s, first_info = ui.txt2img(True, [bool(args.quantize), args.cache or "None", args.save_cache], steps=args.steps, **size)
     outcome = require_script_ran(first_info)
     script_s, script_its, script_steps = steps_per_second(ui, args.repeat, True, args.steps, **size)
     script_memory = ui.memory_gib()
     eager_image, script_image = (ui.image(script, steps=args.steps, **size) for script in (False, True))
     difference = abs(eager_image.astype(int) - script_image.astype(int))
-    unquantized_its = unquantized_steps = None
-    if args.quantize:  # last: its graphs and their memory must not count in the quantized rows above
-        ui.txt2img(True, [False], steps=args.steps, **size)  # compiles the unquantized graph
-        quantized_args, ui.script_args = ui.script_args, [False]
-        _, unquantized_its, unquantized_steps = steps_per_second(ui, args.repeat, True, args.steps, **size)
-        ui.script_args = quantized_args
+    if args.quantize and not args.unquantized_first:  # last: its graphs and memory must not count in the rows above
+        unquantized_its, unquantized_steps = unquantized_steps_per_second(ui, args, size)
     from image_quality import ssim  # numpy, like ui.image
     row = {"bench": "speed", "checkpoint": args.checkpoint, "controlnet": args.controlnet,
            "size": f"{size['width']}x{size['height']}",
@@ -257,9 +277,11 @@ def speed(ui: WebUI, args) -> list[dict]:
         print(f"| it/s, the script unquantized (same webui) | | {unquantized_its:.2f} | "
               f"quantized {script_its / unquantized_its:.2f}x |")
     print(f"| a step, ms: host's time (in the model call), GPU's time (in the model call) | {step_cells(eager_steps)} | "
-          f"{step_cells(script_steps)} | |")
+          f"{step_cells(script_steps)} | {step_ratio(eager_steps, script_steps)} |")
     if args.quantize:
-        print(f"| a step, ms, the script unquantized | | {step_cells(unquantized_steps)} | |")
+        ratio = step_ratio(unquantized_steps, script_steps)
+        print(f"| a step, ms, the script unquantized | | {step_cells(unquantized_steps)} | "
+              f"{'quantized ' + ratio if ratio else ''} |")
     print(f"| first script request: {outcome} | | {first_s:.1f} s | |")
     for key in eager_memory:
         print(f"| {key}, GiB | {eager_memory[key]:.2f} | {script_memory[key]:.2f} (max of both) | |")
@@ -400,6 +422,9 @@ def main() -> None:
     parser.add_argument("--quantize", nargs="?", const="auto", choices=["auto", "int8", "fp8"],
                         help="the script's requests with 'Model Quantization(int8) Speed Up', in this format (webui's "
                         "setting, Settings > OneDiff; 'auto': fp8 from compute capability 8.9, else int8)")
+    parser.add_argument("--unquantized-first", action="store_true",
+                        help="speed --quantize: measure the script unquantized before quantized (the memory rows then "
+                        "hold both graphs)")
     parser.add_argument("--webui-option", action="append", default=[], metavar="NAME=JSON",
                         help="set this webui option (/sdapi/v1/options) before the bench, e.g. "
                         "onediff_quantized_weights_in_host_memory=true")

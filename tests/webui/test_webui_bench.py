@@ -98,16 +98,19 @@ def test_eager_soak_with_the_memory_probe(tmp_path):
 def test_speed_with_the_step_probe(tmp_path):
     """``--start tiny``: webui_start's webui has the bench's step probe, and ``speed`` reports a step's host time and
     its part in the model call, eager and with the script, from generations of exactly ``--steps`` steps (webui's own
-    step counter reads 0 twice; a probe keyed on it would split them); no GPU time on the CPU."""
+    step counter reads 0 twice; a probe keyed on it would split them); no GPU time on the CPU. With ``--quantize int8
+    --unquantized-first``, the script's unquantized steps too, measured before its quantized ones."""
     rows_file = tmp_path / "rows.jsonl"
     r = subprocess.run([sys.executable, str(BENCH), "--start", "tiny", "--json", str(rows_file), "speed", "--checkpoint",
-                        "tiny-sd15-a", "--size", "64", "--steps", "6", "--repeat", "1"],
+                        "tiny-sd15-a", "--size", "64", "--steps", "6", "--repeat", "1", "--quantize", "int8", "--unquantized-first"],
                        capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, f"webui_bench failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
     (row,) = [json.loads(line) for line in rows_file.read_text().splitlines()]
-    for way in ("eager step", "script step"):
+    assert "int8" in row["first request"], row  # the quantized graph compiled after the unquantized one
+    for way in ("eager step", "script step", "script unquantized step"):
         times = row[way]
         # the model call is part of a step (medians over one step more for the model call: some slack)
         assert times["host step ms"] > 0 and 0 < times["host model ms"] <= 1.5 * times["host step ms"], row
         assert times["gpu step ms"] is None and times["gpu model ms"] is None, row
     assert "| a step, ms: host's time (in the model call)" in r.stdout and "GPU n/a" in r.stdout, r.stdout
+    assert "| a step, ms, the script unquantized |" in r.stdout, r.stdout

@@ -18,6 +18,7 @@ export ONEDIFF_REQUIRE_WEBUI=1  # tests/webui/conftest.py: a missing webui fails
 # benchmark smoke runs: the tables print and compiled agrees with eager (no timing is asserted)
 "$PYTHON" bench/unet_bench.py --tiny --device cpu --repeat 2
 "$PYTHON" bench/sampler_bench.py --tiny --device cpu --steps 4
+"$PYTHON" bench/host_order.py --tiny --device cpu --repeat 2
 # --rootdir=tests: the extension folder has an __init__.py, and pytest would otherwise import it as a package and put
 # the folder *above* the checkout first on sys.path, where any stray module there shadows real ones.
 exec "$PYTHON" -m pytest tests -q -rs -p no:cacheprovider --rootdir=tests "$@"

@@ -1,0 +1,116 @@
+"""Why a process's second compiled UNet spends more host time per call than its first (issue 14, stop 26's order
+effect): one UNet compiled twice with the same options (two wrappers, two graphs), each measured, the first measured
+again after the second, then again after each candidate remedy.
+
+    python bench/host_order.py                        # SDXL 1024 on the GPU, fp16
+    python bench/host_order.py --tiny --device cpu    # checks that it runs (no host phases without CUDA graphs)
+
+Each row: the host's phases of one isolated call (``kernel_profile.host_phases``: engine, Dynamo's guards, wrappers
+to the replay, replay), the isolated call's time, and two controls that run no torch code: a walk over the UNet's
+modules' hook dicts (Python touching the model's objects, as the engine's checks do) and a loop of integer additions
+(the CPU's own speed). Where the controls slow down with the phases, the process or the machine got slower, not the
+compiled code; threads and child processes are counted beside them.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import runpy
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+runpy.run_path(str(Path(__file__).with_name("bootstrap.py")))
+
+from sd_webui_onediff.bench import kernel_profile as kp  # noqa: E402
+from sd_webui_onediff.bench import unet_bench as ub  # noqa: E402
+from sd_webui_onediff.compile import CompiledUNet, CompileOptions  # noqa: E402
+
+
+def median_ms(fn, repeat: int) -> float:
+    samples = []
+    for _ in range(repeat):
+        began = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - began) * 1e3)
+    return statistics.median(samples)
+
+
+def children() -> int:
+    """Child processes of this one (Inductor's compile workers), from /proc; -1 where there is none."""
+    try:
+        return sum(1 for entry in Path("/proc").iterdir() if entry.name.isdigit()
+                   and (entry / "stat").read_text().rsplit(")", 1)[1].split()[1] == str(os.getpid()))
+    except OSError:
+        return -1
+
+
+def measure(label: str, compiled: CompiledUNet, fn, modules: list, device: torch.device, repeat: int) -> dict:
+    row = {"when": label}
+    if device.type == "cuda":
+        row.update(kp.host_phases(compiled, fn, repeat))
+    row["call_ms"] = ub.timed_ms(fn, device, repeat)
+    row["modules_walk_ms"] = median_ms(lambda: [m._forward_hooks or m._forward_pre_hooks for m in modules], repeat)
+    row["integer_loop_ms"] = median_ms(lambda: sum(range(200_000)), repeat)
+    row["threads"] = len(os.listdir("/proc/self/task")) if os.path.isdir("/proc/self/task") else -1
+    row["children"] = children()
+    print(row, flush=True)
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--repeat", type=int, default=20)
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    build, full, tiny, make_inputs, latent = ub.CASES["sdxl"]
+    config, latent = (tiny, 16) if args.tiny else (full, latent)
+    unet = build(config).to(device).to(torch.float16 if device.type == "cuda" else torch.float32)
+    inputs, kwargs = ub.on_device(*make_inputs(config, batch=2, latent=latent), device)
+    autocast = ub.fp16_autocast(device)
+    modules = list(unet.modules())
+    rows = []
+    with torch.no_grad():
+        first, second = CompiledUNet(unet, CompileOptions()), CompiledUNet(unet, CompileOptions())
+
+        def call(compiled):
+            def run():
+                with autocast:
+                    return compiled(*inputs, **kwargs)
+            return run
+
+        def both(label: str) -> None:
+            rows.append(measure(f"first, {label}", first, call(first), modules, device, args.repeat))
+            rows.append(measure(f"second, {label}", second, call(second), modules, device, args.repeat))
+
+        for compiled in (first, second):
+            _, seconds = ub.wall_seconds(call(compiled), device)
+            print(f"compiled in {seconds:.1f} s, {compiled.stats.graphs_compiled} graph(s) in its backend: "
+                  f"{compiled.failure or 'ok'}", flush=True)
+            rows.append(measure("first" if compiled is first else "second, just compiled", compiled, call(compiled),
+                                modules, device, args.repeat))
+            if compiled is first:
+                rows.append(measure("first, again", first, call(first), modules, device, args.repeat))
+        rows.append(measure("first, after the second", first, call(first), modules, device, args.repeat))
+        gc.collect()
+        gc.freeze()  # every object so far out of the collector's generations
+        both("after gc.freeze")
+        shutdown = getattr(torch._inductor.async_compile, "shutdown_compile_workers", None)
+        if shutdown is not None:
+            shutdown()
+            both("compile workers shut down")
+    columns = [c for c in rows[0] if c != "when"]
+    print("\n| when | " + " | ".join(columns) + " |\n|---|" + "---|" * len(columns))
+    for row in rows:
+        print(f"| {row['when']} | " + " | ".join(f"{row[c]:.2f}" if isinstance(row[c], float) else str(row[c])
+                                                 for c in columns) + " |")
+    print(f"\n{torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}, torch {torch.__version__}")
+
+
+if __name__ == "__main__":
+    main()

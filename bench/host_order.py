@@ -76,34 +76,39 @@ def main() -> None:
     modules = list(unet.modules())
     rows = []
     with torch.no_grad():
-        first, second = CompiledUNet(unet, CompileOptions()), CompiledUNet(unet, CompileOptions())
+        wrappers = {"first": CompiledUNet(unet, CompileOptions()), "second": CompiledUNet(unet, CompileOptions())}
 
-        def call(compiled):
+        def call(name: str):
             def run():
                 with autocast:
-                    return compiled(*inputs, **kwargs)
+                    return wrappers[name](*inputs, **kwargs)
             return run
 
-        def both(label: str) -> None:
-            rows.append(measure(f"first, {label}", first, call(first), modules, device, args.repeat))
-            rows.append(measure(f"second, {label}", second, call(second), modules, device, args.repeat))
+        def row(name: str, when: str = "") -> None:
+            label = f"{name}, {when}" if when else name
+            rows.append(measure(label, wrappers[name], call(name), modules, device, args.repeat))
 
-        for compiled in (first, second):
-            _, seconds = ub.wall_seconds(call(compiled), device)
-            print(f"compiled in {seconds:.1f} s, {compiled.stats.graphs_compiled} graph(s) in its backend: "
+        def compile_now(name: str) -> None:
+            _, seconds = ub.wall_seconds(call(name), device)
+            compiled = wrappers[name]
+            print(f"{name}: compiled in {seconds:.1f} s, {compiled.stats.graphs_compiled} graph(s) in its backend: "
                   f"{compiled.failure or 'ok'}", flush=True)
-            rows.append(measure("first" if compiled is first else "second, just compiled", compiled, call(compiled),
-                                modules, device, args.repeat))
-            if compiled is first:
-                rows.append(measure("first, again", first, call(first), modules, device, args.repeat))
-        rows.append(measure("first, after the second", first, call(first), modules, device, args.repeat))
+
+        compile_now("first")
+        row("first")
+        row("first", "again")
+        compile_now("second")
+        row("second", "just compiled")
+        row("first", "after the second")
         gc.collect()
         gc.freeze()  # every object so far out of the collector's generations
-        both("after gc.freeze")
+        row("first", "after gc.freeze")
+        row("second", "after gc.freeze")
         shutdown = getattr(torch._inductor.async_compile, "shutdown_compile_workers", None)
         if shutdown is not None:
             shutdown()
-            both("compile workers shut down")
+            row("first", "compile workers shut down")
+            row("second", "compile workers shut down")
     columns = [c for c in rows[0] if c != "when"]
     print("\n| when | " + " | ".join(columns) + " |\n|---|" + "---|" * len(columns))
     for row in rows:

@@ -234,11 +234,11 @@ def unquantized_steps_per_second(ui: WebUI, args, size: dict) -> tuple[float, di
     return its, steps
 
 
-def step_ratio(slower: dict | None, faster: dict | None) -> str:
-    """How many times shorter the GPU's step is in ``faster`` ("" without the probe's times)."""
-    if not slower or not faster or not slower["gpu step ms"] or not faster["gpu step ms"]:
+def step_ratio(baseline: dict | None, measured: dict | None) -> str:
+    """How many times shorter the GPU's step is in ``measured`` than in ``baseline`` ("" without the probe's times)."""
+    if not baseline or not measured or not baseline["gpu step ms"] or not measured["gpu step ms"]:
         return ""
-    return f"{slower['gpu step ms'] / faster['gpu step ms']:.2f}x"
+    return f"{baseline['gpu step ms'] / measured['gpu step ms']:.2f}x"
 
 
 def speed(ui: WebUI, args) -> list[dict]:

@@ -17,8 +17,6 @@ import argparse
 import gc
 import os
 import runpy
-import statistics
-import time
 from pathlib import Path
 
 import torch
@@ -28,15 +26,6 @@ runpy.run_path(str(Path(__file__).with_name("bootstrap.py")))
 from sd_webui_onediff.bench import kernel_profile as kp  # noqa: E402
 from sd_webui_onediff.bench import unet_bench as ub  # noqa: E402
 from sd_webui_onediff.compile import CompiledUNet, CompileOptions  # noqa: E402
-
-
-def median_ms(fn, repeat: int) -> float:
-    samples = []
-    for _ in range(repeat):
-        began = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - began) * 1e3)
-    return statistics.median(samples)
 
 
 def children() -> int:
@@ -53,8 +42,13 @@ def measure(label: str, compiled: CompiledUNet, fn, modules: list, device: torch
     if device.type == "cuda":
         row.update(kp.host_phases(compiled, fn, repeat))
     row["call_ms"] = ub.timed_ms(fn, device, repeat)
-    row["modules_walk_ms"] = median_ms(lambda: [m._forward_hooks or m._forward_pre_hooks for m in modules], repeat)
-    row["integer_loop_ms"] = median_ms(lambda: sum(range(200_000)), repeat)
+    host = torch.device("cpu")  # the controls run on the host alone: its wall clock times them
+
+    def walk():  # the Python the engine's hook checks run: the model's module objects, read one by one
+        return [m._forward_hooks or m._forward_pre_hooks for m in modules]
+
+    row["modules_walk_ms"] = ub.timed_ms(walk, host, repeat)
+    row["integer_loop_ms"] = ub.timed_ms(lambda: sum(range(200_000)), host, repeat)
     row["threads"] = len(os.listdir("/proc/self/task")) if os.path.isdir("/proc/self/task") else -1
     row["children"] = children()
     print(row, flush=True)

@@ -429,6 +429,8 @@ def main() -> None:
                         help="set this webui option (/sdapi/v1/options) before the bench, e.g. "
                         "onediff_quantized_weights_in_host_memory=true")
     args = parser.parse_args()
+    if args.unquantized_first and not args.quantize:
+        parser.error("--unquantized-first orders the script's quantized and unquantized runs: add --quantize")
     options = {}
     for item in args.webui_option:
         name, _, value = item.partition("=")

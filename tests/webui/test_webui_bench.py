@@ -114,3 +114,10 @@ def test_speed_with_the_step_probe(tmp_path):
         assert times["gpu step ms"] is None and times["gpu model ms"] is None, row
     assert "| a step, ms: host's time (in the model call)" in r.stdout and "GPU n/a" in r.stdout, r.stdout
     assert "| a step, ms, the script unquantized |" in r.stdout, r.stdout
+
+
+def test_unquantized_first_without_quantize_is_refused():
+    """``--unquantized-first`` alone would measure nothing it names: refused with what to add, before any webui."""
+    r = subprocess.run([sys.executable, str(BENCH), "speed", "--unquantized-first"], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 2 and "add --quantize" in r.stderr, r.stderr
